@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+# Both create .venv with Python 3.11 (dm-reverb 0.14 has wheels for CPython 3.9-3.11 on
+# x86-64 Linux only) and install the pinned stack from pyproject.toml.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+TRAIN_CONFIG ?= configs/dqn_minatar_breakout.yaml
+TRAIN_STEPS ?= 60000
+
+.PHONY: install test train clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; eosrl needs Python 3.11 (dm-reverb 0.14 ships wheels for CPython 3.9-3.11 on x86-64 Linux). Install it or run 'make PYTHON=/path/to/python3.11'." >&2; exit 1; }
+	@$(PYTHON) -c 'import sys, platform; ok = (3, 9) <= sys.version_info[:2] <= (3, 11) and platform.machine() == "x86_64"; sys.exit(0 if ok else "error: $(PYTHON) is Python %d.%d on %s; dm-reverb 0.14 needs CPython 3.9-3.11 on x86-64 Linux" % (sys.version_info[0], sys.version_info[1], platform.machine()))'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade "pip<25" setuptools wheel
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+train: install
+	$(VENV)/bin/eosrl train $(TRAIN_CONFIG) --overwrite --set run.total_env_steps=$(TRAIN_STEPS) \
+	  --set run.eval_every=20000 --set run.checkpoint_every=20000
+
+clean:
+	rm -rf $(VENV) runs

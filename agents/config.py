@@ -1,0 +1,408 @@
+"""Every config field of an eosrl experiment, typed and documented in one place.
+
+A YAML file in `configs/` loads into `Config`; `--set section.key=value`
+overrides any field. Unknown keys, wrong types and impossible values raise
+`ConfigError` with one line that names the key, before any process starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key."""
+
+
+@dataclass
+class EnvConfig:
+    kind: str = "gym"
+    """Environment family: `atari` (ale-py), `minatar` (the minatar package) or `gym` (classic control)."""
+    id: str = "CartPole-v1"
+    """Game or env id: `Pong` for atari, `breakout` for minatar, `CartPole-v1` for gym."""
+    preset: str = "dopamine"
+    """Atari protocol: `dopamine` (sticky actions 0.25, no life-loss terminal, no noop starts) or
+    `nature` (no sticky actions, up to 30 noop starts, life loss ends the learning episode)."""
+    clip_rewards: bool = False
+    """Clip training rewards to [-1, 1] (the DQN Atari protocol); returns are always reported unclipped."""
+    max_episode_frames: int = 108_000
+    """Atari episode cap in emulator frames (30 minutes at 60 fps)."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    """`sgd` (optionally heavy-ball or Nesterov momentum), `rmsprop` or `adam`."""
+    lr: float = 1e-3
+    """Learning rate (the initial value when `lr_schedule` is not constant)."""
+    lr_schedule: str = "constant"
+    """`constant` or `linear` (from `lr` to `lr_end` over `lr_decay_updates` updates)."""
+    lr_end: float = 0.0
+    """Final learning rate of the `linear` schedule."""
+    lr_decay_updates: int = 0
+    """Updates over which the `linear` schedule decays."""
+    momentum: float = 0.0
+    """SGD momentum β (heavy ball v ← βv + g); 0 is plain SGD."""
+    nesterov: bool = False
+    """Use Nesterov momentum with SGD."""
+    decay: float = 0.95
+    """RMSProp second-moment decay ρ."""
+    centered: bool = False
+    """Centred RMSProp (divide by the variance instead of the second moment)."""
+    b1: float = 0.9
+    """Adam first-moment decay β₁."""
+    b2: float = 0.999
+    """Adam second-moment decay β₂."""
+    eps: float = 1e-8
+    """Adam / RMSProp ε added to the denominator."""
+    max_grad_norm: float = 0.0
+    """Clip gradients to this global norm before the optimiser; 0 disables clipping."""
+
+
+@dataclass
+class SpectralNormConfig:
+    layers: str = "none"
+    """Layers to normalise: negative indices from the output as in Gogianu et al. (2021)
+    (`"-2"` is the penultimate layer, `"-2,-3"`), layer names (`"dense_0"`), `"all"` or `"none"`."""
+    mode: str = "divide"
+    """`divide` (W/σ), `clip` (W/max(1, σ): only shrink) or `log` (measure σ, leave W as it is)."""
+    power_iterations: int = 1
+    """Power-iteration steps per learner update; the vectors persist in the network state."""
+    conv: str = "reshape"
+    """σ of a convolution: `reshape` (norm of the kernel reshaped to a matrix, the usual
+    approximation) or `operator` (true operator norm of the convolution for its input shape)."""
+    scale_lr: bool = False
+    """Step-size ablation of the paper: divide each selected layer's gradient by max(1, σ)
+    (use with mode `log`, so the function is unchanged and only the step size differs)."""
+
+
+@dataclass
+class AgentConfig:
+    kind: str = "dqn"
+    """`dqn` (Huber TD loss) or `c51` (categorical cross-entropy loss)."""
+    network: str = "auto"
+    """`mlp`, `minatar_cnn`, `nature_cnn`, or `auto` (chosen from the env kind)."""
+    hidden_sizes: List[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths of the `mlp` network."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimiser and its hyperparameters."""
+    discount: float = 0.99
+    """Per-step discount γ."""
+    n_step: int = 1
+    """Steps summed in the bootstrapped return."""
+    double_q: bool = False
+    """Select the bootstrap action with the online network (double DQN / double C51)."""
+    huber_delta: float = 1.0
+    """δ of the DQN Huber loss (quadratic inside |x| ≤ δ)."""
+    num_atoms: int = 51
+    """C51 support size."""
+    v_min: float = -10.0
+    """Lowest C51 atom."""
+    v_max: float = 10.0
+    """Highest C51 atom."""
+    target_update_period: int = 100
+    """Learner updates between copies of the online parameters into `target_params`."""
+    epsilon_start: float = 1.0
+    """ε of the ε-greedy behaviour policy at the first env step."""
+    epsilon_end: float = 0.01
+    """ε after `epsilon_decay_steps` env steps (linear schedule)."""
+    epsilon_decay_steps: int = 10_000
+    """Env steps over which ε decays linearly."""
+    epsilon_eval: float = 0.001
+    """ε used by the evaluator."""
+    spectral_norm: SpectralNormConfig = field(default_factory=SpectralNormConfig)
+    """Spectral normalisation per layer (none by default)."""
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = 50_000
+    """Transitions held in the Reverb `replay` table (FIFO removal beyond this)."""
+    min_size: int = 1_000
+    """Transitions in replay before the learner starts."""
+    batch_size: int = 64
+    """Transitions per learner update."""
+    update_period: int = 1
+    """Env steps per learner update (samples per insert = batch_size / update_period)."""
+    checkpoint: bool = True
+    """Checkpoint the replay table with each learner checkpoint (Reverb checkpointer), so a
+    resumed run continues with its data. Turn off for Atari-sized buffers (gigabytes per copy)."""
+
+
+@dataclass
+class RunConfig:
+    total_env_steps: int = 50_000
+    """Env steps collected by the behaviour policy over the whole run."""
+    seed: int = 0
+    """Seed of env, network initialisation, exploration and sampling."""
+    eval_every: int = 10_000
+    """Env steps between evaluations (0 disables periodic evaluation; a final one always runs)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    checkpoint_every: int = 10_000
+    """Env steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 3
+    """Most recent checkpoints kept on disk."""
+    log_every: int = 1_000
+    """Env steps between `train` records in metrics.jsonl."""
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = False
+    """Measure Hessian eigenvalues of the TD loss during training."""
+    every: int = 100
+    """Learner updates between probes."""
+    num_eigs: int = 5
+    """Top eigenvalues reported (sorted by value, largest first)."""
+    iterations: int = 20
+    """Lanczos iterations (Hessian-vector products) per probe; power iterations for `power`."""
+    method: str = "lanczos"
+    """`lanczos` (full reorthogonalisation) or `power` (top eigenvalue by deflated power iteration)."""
+    smallest: bool = False
+    """Also estimate the smallest eigenvalue (negative curvature)."""
+    batch: str = "fixed"
+    """`fixed`: one batch drawn when learning starts and reused (kept in checkpoints); `fresh`: a new batch each probe."""
+    batch_size: int = 512
+    """Transitions in the probe batch, independent of the training batch."""
+    hutchinson_samples: int = 10
+    """Rademacher probes of Hutchinson's estimator of the Hessian trace."""
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """Run name; the default run directory is runs/<name>."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+ENV_KINDS = ("atari", "minatar", "gym")
+AGENT_KINDS = ("dqn", "c51")
+NETWORKS = ("auto", "mlp", "minatar_cnn", "nature_cnn")
+OPTIMIZERS = ("sgd", "rmsprop", "adam")
+LR_SCHEDULES = ("constant", "linear")
+ATARI_PRESETS = ("dopamine", "nature")
+SN_MODES = ("divide", "clip", "log")
+SN_CONV = ("reshape", "operator")
+PROBE_METHODS = ("lanczos", "power")
+PROBE_BATCHES = ("fixed", "fresh")
+
+
+# ----------------------------------------------------------------------------
+# Building a Config from nested dicts, with typed checks.
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # `--set agent.hidden_sizes=64,64`
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown key '{prefix}{key}' (valid keys: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a mapping of sections (env, agent, replay, run)")
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    cls = Config
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown key '{dotted}' ({where} has: {', '.join(names)})")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown key '{dotted}' ('{'.'.join(parts[:i + 1])}' is not a section)")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping")
+
+
+def parse_overrides(overrides: List[str]) -> List[tuple]:
+    pairs = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. agent.optimizer.lr=1e-3")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return pairs
+
+
+def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Config:
+    """Reads a YAML config, applies `--set` overrides, and validates the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (env, agent, replay, run)")
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------
+# Values that type-check but cannot run.
+
+
+def _one_of(key: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}: unknown value {value!r} (valid: {', '.join(valid)})")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: must be {bound}, got {value}")
+
+
+def validate(c: Config) -> None:
+    _one_of("env.kind", c.env.kind, ENV_KINDS)
+    _one_of("env.preset", c.env.preset, ATARI_PRESETS)
+    _positive("env.max_episode_frames", c.env.max_episode_frames)
+    a, o = c.agent, c.agent.optimizer
+    _one_of("agent.kind", a.kind, AGENT_KINDS)
+    _one_of("agent.network", a.network, NETWORKS)
+    _one_of("agent.optimizer.name", o.name, OPTIMIZERS)
+    _one_of("agent.optimizer.lr_schedule", o.lr_schedule, LR_SCHEDULES)
+    _positive("agent.optimizer.lr", o.lr)
+    _positive("agent.optimizer.lr_end", o.lr_end, allow_zero=True)
+    if o.lr_schedule == "linear":
+        _positive("agent.optimizer.lr_decay_updates", o.lr_decay_updates)
+    for key in ("momentum", "decay", "b1", "b2"):
+        value = getattr(o, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"agent.optimizer.{key}: must be in [0, 1), got {value}")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("agent.optimizer.nesterov: needs agent.optimizer.momentum > 0")
+    _positive("agent.optimizer.eps", o.eps)
+    _positive("agent.optimizer.max_grad_norm", o.max_grad_norm, allow_zero=True)
+    if not 0.0 <= a.discount <= 1.0:
+        raise ConfigError(f"agent.discount: must be in [0, 1], got {a.discount}")
+    _positive("agent.n_step", a.n_step)
+    _positive("agent.huber_delta", a.huber_delta)
+    if a.num_atoms < 2:
+        raise ConfigError(f"agent.num_atoms: must be >= 2, got {a.num_atoms}")
+    if a.v_min >= a.v_max:
+        raise ConfigError(f"agent.v_min: must be below agent.v_max ({a.v_min} >= {a.v_max})")
+    if not a.hidden_sizes or any(h <= 0 for h in a.hidden_sizes):
+        raise ConfigError(f"agent.hidden_sizes: must be a non-empty list of positive widths, got {a.hidden_sizes}")
+    _positive("agent.target_update_period", a.target_update_period)
+    for key in ("epsilon_start", "epsilon_end", "epsilon_eval"):
+        value = getattr(a, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"agent.{key}: must be in [0, 1], got {value}")
+    _positive("agent.epsilon_decay_steps", a.epsilon_decay_steps, allow_zero=True)
+    sn = a.spectral_norm
+    _one_of("agent.spectral_norm.mode", sn.mode, SN_MODES)
+    _one_of("agent.spectral_norm.conv", sn.conv, SN_CONV)
+    _positive("agent.spectral_norm.power_iterations", sn.power_iterations)
+    r = c.replay
+    _positive("replay.capacity", r.capacity)
+    _positive("replay.min_size", r.min_size)
+    _positive("replay.batch_size", r.batch_size)
+    _positive("replay.update_period", r.update_period)
+    if r.batch_size > r.min_size:
+        raise ConfigError(f"replay.batch_size: {r.batch_size} is larger than replay.min_size {r.min_size}")
+    if r.min_size > r.capacity:
+        raise ConfigError(f"replay.min_size: {r.min_size} is larger than replay.capacity {r.capacity}")
+    u = c.run
+    _positive("run.total_env_steps", u.total_env_steps, allow_zero=True)
+    _positive("run.eval_every", u.eval_every, allow_zero=True)
+    _positive("run.eval_episodes", u.eval_episodes)
+    _positive("run.checkpoint_every", u.checkpoint_every)
+    _positive("run.keep_checkpoints", u.keep_checkpoints)
+    _positive("run.log_every", u.log_every)
+    p = c.probe
+    _one_of("probe.method", p.method, PROBE_METHODS)
+    _one_of("probe.batch", p.batch, PROBE_BATCHES)
+    _positive("probe.every", p.every)
+    _positive("probe.num_eigs", p.num_eigs)
+    _positive("probe.batch_size", p.batch_size)
+    _positive("probe.hutchinson_samples", p.hutchinson_samples)
+    if p.iterations < p.num_eigs:
+        raise ConfigError(f"probe.iterations: {p.iterations} is fewer than probe.num_eigs {p.num_eigs}")
+    if p.enabled and p.batch_size > r.capacity:
+        raise ConfigError(f"probe.batch_size: {p.batch_size} is larger than replay.capacity {r.capacity}")
+    if not c.name or "/" in c.name:
+        raise ConfigError(f"name: must be a non-empty name without '/', got {c.name!r}")

@@ -1,0 +1,137 @@
+"""The learner: a jitted TD update of DQN or C51 with a periodically copied
+target network. It takes batches of `Transition`s and does not know whether
+they came from actors or from a recorded dataset.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from agents import checkpoint, losses, networks, spectral_norm
+from agents.config import AgentConfig
+from agents.optimizers import learning_rate, make_optimizer
+
+
+class Transition(NamedTuple):
+    obs: Any          # [B, *obs_shape] observation at t
+    action: Any       # [B] int32
+    reward: Any       # [B] n-step return r_t + γ r_{t+1} + ...
+    discount: Any     # [B] γ^m (0 after a terminal) for bootstrapping from next_obs
+    next_obs: Any     # [B, *obs_shape] observation at t + m
+
+
+class LearnerState(NamedTuple):
+    params: Any
+    target_params: Any
+    net_state: Any          # SN power-iteration vectors of the online network
+    target_net_state: Any
+    opt_state: Any
+    step: jnp.ndarray       # learner updates done
+    rng: jnp.ndarray
+
+
+def make_loss_fn(network: networks.Network, agent: AgentConfig) -> Callable:
+    """loss(params, target_params, net_state, target_net_state, batch, update_sn)
+    -> (loss, (new_net_state, mean_q)). The probes differentiate this same function."""
+
+    def loss_fn(params, target_params, net_state, target_net_state, batch: Transition,
+                update_sn: bool = False):
+        out_tm1, new_net_state = network.apply(params, net_state, batch.obs, update_sn)
+        out_t_target, _ = network.apply(target_params, target_net_state, batch.next_obs, False)
+        out_t_target = jax.lax.stop_gradient(out_t_target)
+        if agent.double_q:
+            out_t_online, _ = network.apply(params, net_state, batch.next_obs, False)
+            q_t_selector = jax.lax.stop_gradient(networks.q_values(network, out_t_online))
+        else:
+            q_t_selector = None
+        action = batch.action.astype(jnp.int32)
+        if agent.kind == "dqn":
+            loss = losses.dqn_loss(out_tm1, action, batch.reward, batch.discount,
+                                   out_t_target, q_t_selector, agent.huber_delta)
+        else:
+            if q_t_selector is None:
+                q_t_selector = networks.q_values(network, out_t_target)
+            loss = losses.c51_loss(out_tm1, action, batch.reward, batch.discount,
+                                   out_t_target, q_t_selector, network.atoms)
+        mean_q = jnp.mean(networks.q_values(network, out_tm1))
+        return loss, (new_net_state, mean_q)
+
+    return loss_fn
+
+
+class Learner:
+    """Holds the learner state and applies jitted updates to it."""
+
+    def __init__(self, network: networks.Network, agent: AgentConfig, seed: int,
+                 preprocess: Callable[[Any], Transition] = lambda batch: batch):
+        self.network = network
+        self.agent = agent
+        self.optimizer = make_optimizer(agent.optimizer)
+        self.loss_fn = make_loss_fn(network, agent)
+        self._lr = learning_rate(agent.optimizer)
+        self.preprocess = preprocess
+        rng = jax.random.PRNGKey(seed)
+        init_rng, rng = jax.random.split(rng)
+        params, net_state = network.init(init_rng)
+        self.state = LearnerState(
+            params=params, target_params=params, net_state=net_state,
+            target_net_state=net_state, opt_state=self.optimizer.init(params),
+            step=jnp.zeros((), jnp.int32), rng=rng)
+        self._update = jax.jit(self._update_fn)
+
+    def _update_fn(self, state: LearnerState, raw_batch) -> tuple:
+        batch = self.preprocess(raw_batch)
+        rng, _ = jax.random.split(state.rng)
+        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+        (loss, (net_state, mean_q)), grads = grad_fn(
+            state.params, state.target_params, state.net_state, state.target_net_state,
+            batch, True)
+        if self.agent.spectral_norm.scale_lr:
+            grads = spectral_norm.scale_gradients(grads, net_state)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        period = self.agent.target_update_period
+        target_params = optax.periodic_update(params, state.target_params, step, period)
+        target_net_state = optax.periodic_update(net_state, state.target_net_state, step, period)
+        new_state = LearnerState(params, target_params, net_state, target_net_state,
+                                 opt_state, step, rng)
+        metrics = {
+            "loss": loss,
+            "mean_q": mean_q,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            **spectral_norm.sigmas(net_state),
+        }
+        return new_state, metrics
+
+    def update(self, raw_batch) -> Dict[str, jnp.ndarray]:
+        """One update; returns device metrics (convert with `float` only when logging)."""
+        self.state, metrics = self._update(self.state, raw_batch)
+        return metrics
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    def current_lr(self) -> float:
+        lr = self._lr
+        return float(lr(self.state.step)) if callable(lr) else float(lr)
+
+    def acting_params(self):
+        """What actors and evaluators need: online params and the SN vectors."""
+        return self.state.params, self.state.net_state
+
+    def save(self, directory, meta: Optional[dict] = None, keep: int = 3, extra: Any = None):
+        tree = {"learner": self.state, "extra": extra if extra is not None else {}}
+        return checkpoint.save(directory, self.step, tree, meta, keep)
+
+    def restore(self, path, extra_template: Any = None) -> tuple:
+        template = {"learner": self.state, "extra": extra_template if extra_template is not None else {}}
+        tree, meta = checkpoint.load(path, template)
+        self.state = jax.tree_util.tree_map(jnp.asarray, tree["learner"])
+        return tree["extra"], meta

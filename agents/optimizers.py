@@ -1,0 +1,29 @@
+"""Optimisers from the config, built from optax, and their learning-rate schedule."""
+from __future__ import annotations
+
+import optax
+
+from agents.config import OptimizerConfig
+
+
+def learning_rate(config: OptimizerConfig):
+    """The schedule as a function of the update count (a float for `constant`)."""
+    if config.lr_schedule == "linear":
+        return optax.linear_schedule(config.lr, config.lr_end, config.lr_decay_updates)
+    return config.lr
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    lr = learning_rate(config)
+    if config.name == "sgd":
+        # optax's trace is the heavy-ball form v ← βv + g, θ ← θ − ηv of the threshold table.
+        inner = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov)
+    elif config.name == "rmsprop":
+        inner = optax.rmsprop(lr, decay=config.decay, eps=config.eps, centered=config.centered)
+    elif config.name == "adam":
+        inner = optax.adam(lr, b1=config.b1, b2=config.b2, eps=config.eps)
+    else:
+        raise ValueError(f"agent.optimizer.name: unknown optimiser {config.name!r}")
+    if config.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), inner)
+    return inner

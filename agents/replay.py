@@ -1,0 +1,211 @@
+"""Replay through Reverb: the tables, the n-step transition adder, the batch stream.
+
+Storage layout. The adder appends one row per env step to a Reverb
+TrajectoryWriter. A row holds the newest single frame of the observation
+(for Atari one 84×84 frame, not the stack) and, once known, the n-step
+action/return/discount of the transition that started n steps earlier. An
+item references the frames of both observations by cell, so a stacked
+observation costs nothing extra: consecutive items share their frames.
+An episode starts with the older frames of the reset observation's stack as
+rows of their own, so every stack is exactly what the env showed and no
+frame of the previous episode can leak into it. (Reverb cannot reference one
+cell twice in an item, so the padding cannot be repeated references.)
+
+Item structure (the table signature):
+  obs       [stack, *frame]   frames t-stack+1 .. t
+  action    []  int32         a_t
+  reward    []  float32       r_t + γ r_{t+1} + ... (m ≤ n terms, stops at a terminal)
+  discount  []  float32       γ^m, or 0 when the episode terminated within the m steps
+  next_obs  [stack, *frame]   frames t+m-stack+1 .. t+m
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import reverb  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from agents.learner import Transition  # noqa: E402
+
+REPLAY_TABLE = "replay"
+PARAMS_TABLE = "params"
+
+
+def item_signature(frame_shape: Sequence[int], frame_dtype, frame_stack: int) -> Dict[str, tf.TensorSpec]:
+    obs = tf.TensorSpec((frame_stack,) + tuple(frame_shape), tf.as_dtype(np.dtype(frame_dtype)))
+    return {
+        "obs": obs,
+        "action": tf.TensorSpec((), tf.int32),
+        "reward": tf.TensorSpec((), tf.float32),
+        "discount": tf.TensorSpec((), tf.float32),
+        "next_obs": obs,
+    }
+
+
+def replay_table(capacity: int, min_size: int, signature,
+                 samples_per_insert: Optional[float] = None,
+                 error_buffer: Optional[float] = None, name: str = REPLAY_TABLE) -> reverb.Table:
+    """Uniform sampling, FIFO removal. With `samples_per_insert` a
+    SampleToInsertRatio limiter fixes how many samples the learner may draw per
+    inserted transition, so results do not depend on which process runs faster."""
+    if samples_per_insert is None:
+        limiter = reverb.rate_limiters.MinSize(min_size)
+    else:
+        # Slack of a few batches either way so actors and learner need not lock-step.
+        buffer = error_buffer if error_buffer is not None else max(10.0 * samples_per_insert, 100.0)
+        limiter = reverb.rate_limiters.SampleToInsertRatio(samples_per_insert, min_size, buffer)
+    return reverb.Table(name=name, sampler=reverb.selectors.Uniform(),
+                        remover=reverb.selectors.Fifo(), max_size=capacity,
+                        rate_limiter=limiter, signature=signature)
+
+
+def params_table() -> reverb.Table:
+    """One item: the latest learner parameters (and the learner step)."""
+    return reverb.Table(name=PARAMS_TABLE, sampler=reverb.selectors.Lifo(),
+                        remover=reverb.selectors.Fifo(), max_size=1,
+                        rate_limiter=reverb.rate_limiters.MinSize(1))
+
+
+def start_server(tables: List[reverb.Table], port: Optional[int] = None,
+                 checkpoint_dir: Optional[str] = None) -> reverb.Server:
+    """A Reverb server; with `checkpoint_dir` it reloads the newest table checkpoint there."""
+    checkpointer = None
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        checkpointer = reverb.checkpointers.DefaultCheckpointer(path=checkpoint_dir)
+    return reverb.Server(tables=tables, port=port, checkpointer=checkpointer)
+
+
+class TransitionAdder:
+    """Writes n-step transitions of one actor's episodes into the replay table.
+
+    Call `observe_first(obs)` after a reset and `observe(action, reward,
+    terminal, next_obs, episode_over)` after each step: `terminal` ends
+    bootstrapping (a true terminal or a life loss under the Nature preset),
+    `episode_over` ends the stream (terminal or time limit).
+    """
+
+    def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
+                 table: str = REPLAY_TABLE):
+        self._client = client
+        self._n = n_step
+        self._gamma = discount
+        self._stack = frame_stack
+        self._table = table
+        # Oldest referenced row is at most (n-1) transition-only rows + n + stack rows back.
+        self._writer = client.trajectory_writer(num_keep_alive_refs=2 * n_step + 2 * frame_stack + 2)
+        self._row = -1                    # step index t of the last observation in this episode
+        self._actions: List[int] = []
+        self._rewards: List[float] = []
+        self._continues: List[float] = []  # 0 where bootstrapping stops
+        self.items_written = 0
+
+    def _frame(self, obs: np.ndarray) -> np.ndarray:
+        return obs[..., -1] if self._stack > 1 else obs
+
+    def _stack_rows(self, t: int) -> List[int]:
+        """History rows of the frames of the observation at step t (after the padding rows)."""
+        return list(range(t, t + self._stack))
+
+    def observe_first(self, obs: np.ndarray) -> None:
+        for i in range(self._stack - 1):
+            self._writer.append({"frame": obs[..., i]})
+        self._writer.append({"frame": self._frame(obs)})
+        self._row = 0
+        self._actions, self._rewards, self._continues = [], [], []
+
+    def _n_step(self, start: int, end: int):
+        """Return and bootstrap discount of the transition from row `start` to row `end`."""
+        ret, scale = 0.0, 1.0
+        for t in range(start, end):
+            ret += scale * self._rewards[t]
+            scale *= self._gamma * self._continues[t]
+        return np.float32(ret), np.float32(scale)
+
+    def _create_item(self, start: int, end: int) -> None:
+        history = self._writer.history
+        self._writer.create_item(self._table, priority=1.0, trajectory={
+            "obs": history["frame"][self._stack_rows(start)],
+            "action": history["action"][-1],
+            "reward": history["reward"][-1],
+            "discount": history["discount"][-1],
+            "next_obs": history["frame"][self._stack_rows(end)],
+        })
+        self.items_written += 1
+
+    def observe(self, action: int, reward: float, terminal: bool, next_obs: np.ndarray,
+                episode_over: bool) -> None:
+        self._actions.append(int(action))
+        self._rewards.append(float(reward))
+        self._continues.append(0.0 if terminal else 1.0)
+        self._row += 1
+        row = {"frame": self._frame(next_obs)}
+        start = self._row - self._n
+        # A terminal inside the window makes later frames irrelevant, but the
+        # bootstrap discount is then 0, so the same item layout stays correct.
+        if start >= 0:
+            ret, disc = self._n_step(start, self._row)
+            row.update(action=np.int32(self._actions[start]), reward=ret, discount=disc)
+        self._writer.append(row)
+        if start >= 0:
+            self._create_item(start, self._row)
+        if episode_over:
+            # Transitions that started fewer than n steps before the end bootstrap
+            # (or not, after a terminal) from the final observation.
+            for start in range(max(0, self._row - self._n + 1), self._row):
+                ret, disc = self._n_step(start, self._row)
+                self._writer.append({"action": np.int32(self._actions[start]),
+                                     "reward": ret, "discount": disc})
+                self._create_item(start, self._row)
+            self._writer.end_episode(clear_buffers=True)
+            self._row = -1
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def item_to_transition(frame_stack: int):
+    """Maps a batch of items to `Transition`s with observations as the env gives them."""
+
+    def convert(data: Dict[str, Any]) -> Transition:
+        def stacked(frames):
+            # [B, stack, *frame] -> [B, *frame, stack] (Atari) or [B, *obs] (no stack).
+            return frames[:, 0] if frame_stack == 1 else jnp.moveaxis(frames, 1, -1)
+        return Transition(obs=stacked(data["obs"]), action=data["action"],
+                          reward=data["reward"], discount=data["discount"],
+                          next_obs=stacked(data["next_obs"]))
+
+    return convert
+
+
+def batch_stream(address: str, batch_size: int, table: str = REPLAY_TABLE,
+                 prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
+    """Batches of items from a prefetching Reverb dataset (sampling runs in background threads)."""
+    dataset = reverb.TrajectoryDataset.from_table_signature(
+        server_address=address, table=table,
+        max_in_flight_samples_per_worker=2 * batch_size)
+    dataset = dataset.map(lambda sample: sample.data)
+    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+    return dataset.as_numpy_iterator()
+
+
+def sample_items(client: reverb.Client, count: int, signature: Dict[str, Any],
+                 table: str = REPLAY_TABLE) -> Dict[str, np.ndarray]:
+    """`count` items stacked into one batch by direct sampling (probe batches,
+    tests); training batches come from the prefetching `batch_stream`."""
+    keys = sorted(signature)  # the flat order of a dict's leaves
+    rows = [sample.data for sample in client.sample(table, num_samples=count, emit_timesteps=False)]
+    return {key: np.stack([row[i] for row in rows]) for i, key in enumerate(keys)}
+
+
+def table_size(client: reverb.Client, table: str = REPLAY_TABLE) -> int:
+    return client.server_info()[table].current_size

@@ -1,0 +1,227 @@
+"""Spectral normalisation per layer (Gogianu et al., 2021; Miyato et al., 2018).
+
+A selected layer uses W/σ (`divide`), W/max(1, σ) (`clip`) or W itself while
+σ is measured (`log`). σ comes from power iteration with persistent vectors
+kept in haiku state: they advance only when the learner asks
+(`update_sn=True`), never while acting or evaluating. The parameter names are
+the same as those of the plain layer (`<layer>/w`, `<layer>/b`), so
+checkpoints, probes and optimisers do not depend on whether SN is on.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Dict, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from agents.config import ConfigError, SpectralNormConfig
+
+_EPS = 1e-12
+
+
+def _normalize(x: jnp.ndarray) -> jnp.ndarray:
+    return x / (jnp.linalg.norm(x) + _EPS)
+
+
+def _initial_vector(name: str):
+    """Initialiser of a layer's power-iteration vector: a random unit vector.
+
+    The key is derived from the layer name instead of `hk.next_rng_key()`:
+    drawing from haiku's key sequence would shift the keys of every later
+    layer, so the same seed would give different weights with SN on and off
+    (SN comparisons would then also compare initialisations). The vector is
+    unit norm because σ = ‖W u‖ is only σ for a unit `u`; an unnormalised
+    start made σ wrong by a factor ‖u‖ ≈ √n until the first learner update,
+    which changed what `divide`/`clip` networks computed while acting.
+    """
+    key = jax.random.PRNGKey(zlib.crc32(name.encode()))
+
+    def init(shape, dtype):
+        return _normalize(jax.random.normal(key, shape, dtype))
+    return init
+
+
+def resolve_layers(spec: str, layer_names: Sequence[str]) -> tuple:
+    """Layer names selected by `spec` ("-2", "-2,-3", "dense_0", "all", "none")."""
+    spec = str(spec).strip()
+    if spec in ("", "none"):
+        return ()
+    if spec in ("all", "full"):
+        return tuple(layer_names)
+    chosen = []
+    for token in (t.strip() for t in spec.split(",")):
+        if token in layer_names:
+            chosen.append(token)
+            continue
+        try:
+            index = int(token)
+        except ValueError:
+            index = None
+        if index is None or index >= 0 or -index > len(layer_names):
+            raise ConfigError(
+                f"agent.spectral_norm.layers: {token!r} is not a layer of this network "
+                f"(layers from input to output: {', '.join(layer_names)}; use negative "
+                f"indices -1..-{len(layer_names)}, names, 'all' or 'none')")
+        chosen.append(layer_names[index])
+    return tuple(n for n in layer_names if n in chosen)
+
+
+def power_iteration_matrix(w: jnp.ndarray, u: jnp.ndarray, steps: int):
+    """Advances the right singular vector estimate `u` of the matrix `w` [in, out]."""
+    for _ in range(steps):
+        v = _normalize(w @ u)
+        u = _normalize(w.T @ v)
+    return u
+
+
+def matrix_sigma(w: jnp.ndarray, u: jnp.ndarray) -> jnp.ndarray:
+    """σ ≈ ‖W u‖ / ‖u‖ with `u` held fixed (gradients flow through W only, as in Miyato et al.).
+
+    Dividing by ‖u‖ keeps σ a lower bound of the true norm even for a vector that
+    was never normalised (a state written by an older version of this module).
+    """
+    u = jax.lax.stop_gradient(u)
+    return jnp.linalg.norm(w @ u) / (jnp.linalg.norm(u) + _EPS)
+
+
+def conv_operator(w: jnp.ndarray, stride: int):
+    """The linear map x ↦ conv(x, w) with SAME padding, as haiku's Conv2D applies it."""
+    def op(x):
+        return jax.lax.conv_general_dilated(
+            x, w, window_strides=(stride, stride), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return op
+
+
+def power_iteration_operator(op, u: jnp.ndarray, steps: int):
+    """Power iteration through a linear operator and its transpose (via VJP)."""
+    for _ in range(steps):
+        v, vjp = jax.vjp(op, u)
+        v = _normalize(v)
+        (u,) = vjp(v)
+        u = _normalize(u)
+    return u
+
+
+def operator_sigma(op, u: jnp.ndarray) -> jnp.ndarray:
+    """σ ≈ ‖op(u)‖ / ‖u‖ with `u` held fixed, as `matrix_sigma` for a linear operator."""
+    u = jax.lax.stop_gradient(u)
+    return jnp.linalg.norm(op(u)) / (jnp.linalg.norm(u) + _EPS)
+
+
+class _SNLayer(hk.Module):
+    """Shared logic of the normalised dense and conv layers."""
+
+    def __init__(self, config: SpectralNormConfig, name: str):
+        super().__init__(name=name)
+        self.config = config
+
+    def _vector(self, shape) -> jnp.ndarray:
+        return hk.get_state("u", shape, jnp.float32, init=_initial_vector(self.module_name))
+
+    def _scale(self, sigma: jnp.ndarray, update: bool) -> jnp.ndarray:
+        # The logged σ is written only by learner updates: acting and evaluating
+        # must return the state unchanged (σ of the acting weights, which the
+        # learner has moved since, would otherwise overwrite the learner's
+        # value). At init the entry is created so the state structure is fixed.
+        logged = jax.lax.stop_gradient(sigma)
+        if update:
+            hk.set_state("sigma", logged)
+        else:
+            hk.get_state("sigma", (), jnp.float32, init=lambda *_: logged)
+        if self.config.mode == "divide":
+            # The floor only matters for an all-zero weight, where W/σ would be NaN.
+            return 1.0 / jnp.maximum(sigma, _EPS)
+        if self.config.mode == "clip":
+            return 1.0 / jnp.maximum(1.0, sigma)
+        return jnp.ones_like(sigma)  # log: measure only
+
+
+class SNLinear(_SNLayer):
+    """hk.Linear with a spectrally normalised weight; same parameters, plus state `u`, `sigma`."""
+
+    def __init__(self, width: int, w_init, config: SpectralNormConfig, update: bool, name: str):
+        super().__init__(config, name)
+        self.width, self.w_init, self.update = width, w_init, update
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        w = hk.get_parameter("w", (x.shape[-1], self.width), x.dtype, init=self.w_init)
+        b = hk.get_parameter("b", (self.width,), x.dtype, init=jnp.zeros)
+        u = self._vector((self.width,))
+        if self.update:
+            u = power_iteration_matrix(w, u, self.config.power_iterations)
+            hk.set_state("u", jax.lax.stop_gradient(u))
+        scale = self._scale(matrix_sigma(w, u), self.update)
+        return x @ (w * scale) + b
+
+
+class SNConv2D(_SNLayer):
+    """hk.Conv2D (NHWC, SAME padding) with a spectrally normalised kernel; same parameters.
+
+    σ is that of the kernel reshaped to [k·k·in, out] (`conv: reshape`) or the
+    operator norm of the convolution on this layer's input shape (`conv: operator`).
+    """
+
+    def __init__(self, channels: int, kernel: int, stride: int, w_init,
+                 config: SpectralNormConfig, update: bool, name: str):
+        super().__init__(config, name)
+        self.channels, self.kernel, self.stride = channels, kernel, stride
+        self.w_init, self.update = w_init, update
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        shape = (self.kernel, self.kernel, x.shape[-1], self.channels)
+        w = hk.get_parameter("w", shape, x.dtype, init=self.w_init)
+        b = hk.get_parameter("b", (self.channels,), x.dtype, init=jnp.zeros)
+        if self.config.conv == "operator":
+            op = conv_operator(w, self.stride)
+            # The operator norm depends on the input's spatial size, fixed at init.
+            u = self._vector((1,) + x.shape[1:])
+            if self.update:
+                u = power_iteration_operator(op, u, self.config.power_iterations)
+                hk.set_state("u", jax.lax.stop_gradient(u))
+            sigma = operator_sigma(op, u)
+        else:
+            matrix = w.reshape(-1, self.channels)
+            u = self._vector((self.channels,))
+            if self.update:
+                u = power_iteration_matrix(matrix, u, self.config.power_iterations)
+                hk.set_state("u", jax.lax.stop_gradient(u))
+            sigma = matrix_sigma(matrix, u)
+        scale = self._scale(sigma, self.update)
+        return conv_operator(w * scale, self.stride)(x) + b
+
+
+class LayerSelector:
+    """Builds each named layer, spectrally normalised when the config selects it."""
+
+    def __init__(self, config: SpectralNormConfig, layer_names: Sequence[str]):
+        self.config = config
+        self.selected = resolve_layers(config.layers, layer_names)
+
+    def linear(self, name: str, width: int, w_init, update: bool):
+        if name in self.selected:
+            return SNLinear(width, w_init, self.config, update, name=name)
+        return hk.Linear(width, w_init=w_init, name=name)
+
+    def conv(self, name: str, channels: int, kernel: int, stride: int, w_init, update: bool):
+        if name in self.selected:
+            return SNConv2D(channels, kernel, stride, w_init, self.config, update, name=name)
+        return hk.Conv2D(channels, kernel, stride=stride, padding="SAME", w_init=w_init, name=name)
+
+
+def sigmas(net_state: Dict) -> Dict[str, jnp.ndarray]:
+    """σ of every normalised or logged layer, keyed `sn_sigma/<layer>`."""
+    return {f"sn_sigma/{layer}": values["sigma"]
+            for layer, values in net_state.items() if "sigma" in values}
+
+
+def scale_gradients(grads: Dict, net_state: Dict) -> Dict:
+    """The step-size ablation: each SN layer's gradient divided by max(1, σ)."""
+    scaled = dict(grads)
+    for layer, values in net_state.items():
+        if "sigma" in values and layer in grads:
+            factor = 1.0 / jnp.maximum(1.0, values["sigma"])
+            scaled[layer] = jax.tree_util.tree_map(lambda g: g * factor, grads[layer])
+    return scaled

@@ -1,0 +1,63 @@
+"""`eosrl evaluate`: load a checkpoint, run evaluation episodes, report and record them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from agents import checkpoint
+from agents.actor import Evaluator
+from agents.config import Config
+from envs.factory import make_env
+from envs.scores import human_normalized_score
+from launch.rundir import MetricsWriter, RunDir
+from launch.train import Components
+
+
+def save_gif(frames, path: str | Path, fps: int = 30) -> None:
+    """Writes rendered RGB frames as an animated GIF (small frames are enlarged)."""
+    from PIL import Image
+    images = []
+    for frame in frames:
+        array = np.asarray(frame)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+        image = Image.fromarray(array)
+        if max(image.size) < 200:  # MinAtar renders 10x10: enlarge so a person can see it
+            scale = 200 // max(image.size)
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        images.append(image)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def evaluate_checkpoint(config: Config, ckpt: Path, run_path: Optional[Path],
+                        episodes: Optional[int] = None, epsilon: Optional[float] = None,
+                        video: Optional[str] = None) -> Dict[str, Any]:
+    parts = Components(config)
+    learner = parts.learner()
+    template_meta = checkpoint.read_meta(ckpt)
+    extra_template = ({"probe_batch": parts.batch_template(config.probe.batch_size)}
+                      if template_meta.get("has_probe_batch") else {})
+    _, meta = learner.restore(ckpt, extra_template)
+    episodes = episodes or config.run.eval_episodes
+    epsilon = config.agent.epsilon_eval if epsilon is None else epsilon
+    env = make_env(config.env, config.run.seed + 20_000, training=False,
+                   render_mode="rgb_array" if video else None)
+    frames = [] if video else None
+    result = Evaluator(env, parts.network, epsilon, seed=config.run.seed + 20_000).run(
+        *learner.acting_params(), episodes=episodes, frames=frames)
+    record: Dict[str, Any] = {**result, "epsilon": epsilon, "checkpoint": str(ckpt),
+                              "env_steps": meta.get("env_steps"), "learner_step": learner.step}
+    if config.env.kind == "atari":
+        record["human_normalized_score"] = human_normalized_score(config.env.id, result["return_mean"])
+    if video:
+        save_gif(frames, video)
+        record["video"] = str(video)
+    if run_path is not None:
+        writer = MetricsWriter(RunDir(run_path), tensorboard=False)
+        writer.write("eval", learner.step, source="eosrl evaluate", **{
+            k: v for k, v in record.items() if k != "learner_step"})
+        writer.close()
+    return record

@@ -1,0 +1,139 @@
+"""The run directory contract (see the design notes) and the metrics writer.
+
+runs/<name>/
+  config.yaml     resolved config, exactly what ran
+  metrics.jsonl   one JSON object per line, each with "kind" and "step"
+  checkpoints/    learner state (npz, no pickle)
+  replay/         Reverb table checkpoints (when enabled)
+  tb/             TensorBoard events
+  plots/          PNGs made by `eosrl plot`
+
+Each metrics line is flushed and fsynced as it is written, so a crash, a NaN
+or Ctrl-C never loses the records written before it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+
+KINDS = ("train", "eval", "probe", "actor", "event")
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def replay(self) -> Path:
+        return self.path / "replay"
+
+    @property
+    def tb(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def create(self) -> "RunDir":
+        for p in (self.path, self.checkpoints, self.tb):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
+        array = np.asarray(value)
+        return _jsonable(array.tolist()) if array.ndim else _jsonable(array.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan"/"inf": JSON has no literal for them
+    return value
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: RunDir, tensorboard: bool = True):
+        self._file = open(run_dir.metrics, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            import tensorflow as tf  # TF is already loaded by Reverb; import lazily for tools.
+            self._tb = tf.summary.create_file_writer(str(run_dir.tb))
+
+    def write(self, kind: str, step: int, **values: Any) -> Dict[str, Any]:
+        assert kind in KINDS, kind
+        record = {"kind": kind, "step": int(step), "time": time.time(), **_jsonable(values)}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tb is not None:
+            self._to_tensorboard(kind, int(step), record)
+        return record
+
+    def _to_tensorboard(self, kind: str, step: int, record: Dict[str, Any]) -> None:
+        import tensorflow as tf
+        with self._tb.as_default(step=step):
+            for key, value in record.items():
+                if key in ("kind", "step", "time"):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tf.summary.scalar(f"{kind}/{key}", value)
+                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                    for i, v in enumerate(value):
+                        tf.summary.scalar(f"{kind}/{key}_{i}", v)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+        self._file.close()
+
+
+def read_metrics(path: str | Path, kind: Optional[str] = None) -> Iterator[Dict[str, Any]]:
+    """Records of metrics.jsonl (optionally of one kind); a torn last line is skipped."""
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                yield record
+
+
+def route_native_logs(log_path: str | Path) -> None:
+    """Sends what C++ libraries (TensorFlow, Reverb, XLA) print on file descriptor 2
+    to `log_path`, while Python's own stderr (errors, progress bar) stays on the
+    terminal. Reverb has no switch for its informational lines; this keeps them
+    out of the user's way without losing them."""
+    import sys
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    terminal = os.dup(2)
+    log_fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1)

@@ -1,0 +1,92 @@
+"""The Reverb adder writes exactly the n-step transitions the docstring promises,
+with frame stacks padded at episode starts and shared frames stored once."""
+import numpy as np
+import pytest
+import reverb
+
+from agents import replay
+
+
+def _server(frame_shape, dtype, stack, capacity=1000):
+    sig = replay.item_signature(frame_shape, dtype, stack)
+    server = replay.start_server([replay.replay_table(capacity, 1, sig)])
+    return server, reverb.Client(f"localhost:{server.port}"), sig
+
+
+def _all_items(client, sig, count):
+    """Every item of the table, keyed by action (each test step uses its own action)."""
+    batch = replay.sample_items(client, count * 50, sig)
+    return {int(a): {k: v[i] for k, v in batch.items()} for i, a in enumerate(batch["action"])}
+
+
+def _stacked_obs(frames, t, stack):
+    """What a reset-padded frame stack shows at step t: frames t-stack+1..t, clamped at 0."""
+    return np.stack([frames[max(0, i)] for i in range(t - stack + 1, t + 1)], axis=-1)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_n_step_returns_and_frame_stacks(terminal):
+    stack, n, gamma, length = 4, 3, 0.9, 6
+    server, client, sig = _server((2, 2), np.uint8, stack)
+    adder = replay.TransitionAdder(client, n_step=n, discount=gamma, frame_stack=stack)
+    frames = [np.full((2, 2), 10 * t + 1, np.uint8) for t in range(length + 1)]
+    rewards = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    adder.observe_first(_stacked_obs(frames, 0, stack))
+    for t in range(length):
+        last = t == length - 1
+        adder.observe(action=t, reward=rewards[t], terminal=terminal and last,
+                      next_obs=_stacked_obs(frames, t + 1, stack), episode_over=last)
+    adder.flush()
+    assert adder.items_written == length
+    items = _all_items(client, sig, length)
+    assert sorted(items) == list(range(length))
+    for t in range(length):
+        end = min(t + n, length)
+        expected_return = sum(gamma ** (i - t) * rewards[i] for i in range(t, end))
+        expected_discount = 0.0 if (terminal and end == length) else gamma ** (end - t)
+        item = items[t]
+        assert float(item["reward"]) == pytest.approx(expected_return, rel=1e-6)
+        assert float(item["discount"]) == pytest.approx(expected_discount, rel=1e-6)
+        obs = np.moveaxis(item["obs"], 0, -1)
+        next_obs = np.moveaxis(item["next_obs"], 0, -1)
+        np.testing.assert_array_equal(obs, _stacked_obs(frames, t, stack))
+        np.testing.assert_array_equal(next_obs, _stacked_obs(frames, end, stack))
+    server.stop()
+
+
+def test_episode_boundary_does_not_leak_frames_and_life_loss_stops_bootstrap():
+    server, client, sig = _server((3,), np.float32, 1)
+    adder = replay.TransitionAdder(client, n_step=2, discount=0.5, frame_stack=1)
+    obs = lambda v: np.full((3,), v, np.float32)  # noqa: E731
+    # Episode 1: two steps, terminal.
+    adder.observe_first(obs(0))
+    adder.observe(0, 1.0, False, obs(1), False)
+    adder.observe(1, 1.0, True, obs(2), True)
+    # Episode 2: a life loss (terminal for bootstrapping) in the middle of the episode.
+    adder.observe_first(obs(100))
+    adder.observe(2, 1.0, True, obs(101), False)   # life lost here
+    adder.observe(3, 7.0, False, obs(102), False)
+    adder.observe(4, 0.0, False, obs(103), True)   # time limit: bootstrap from obs 103
+    adder.flush()
+    items = _all_items(client, sig, 5)
+    assert float(items[0]["reward"]) == pytest.approx(1.5) and float(items[0]["discount"]) == 0.0
+    np.testing.assert_array_equal(items[0]["next_obs"][0], obs(2))
+    np.testing.assert_array_equal(items[2]["obs"][0], obs(100))   # no frame of episode 1
+    assert float(items[2]["reward"]) == pytest.approx(1.0)         # 7.0 after the life loss is excluded
+    assert float(items[2]["discount"]) == 0.0
+    assert float(items[3]["reward"]) == pytest.approx(7.0)
+    assert float(items[3]["discount"]) == pytest.approx(0.25)      # γ² from obs 103 (truncated)
+    np.testing.assert_array_equal(items[3]["next_obs"][0], obs(103))
+    assert float(items[4]["discount"]) == pytest.approx(0.5)
+    server.stop()
+
+
+def test_item_to_transition_restores_env_layout():
+    data = {"obs": np.arange(2 * 4 * 3 * 3).reshape(2, 4, 3, 3), "action": np.zeros(2, np.int32),
+            "reward": np.zeros(2, np.float32), "discount": np.ones(2, np.float32)}
+    data["next_obs"] = data["obs"]
+    batch = replay.item_to_transition(4)(data)
+    assert batch.obs.shape == (2, 3, 3, 4)
+    np.testing.assert_array_equal(np.asarray(batch.obs)[1, :, :, 2], data["obs"][1, 2])
+    flat = replay.item_to_transition(1)({**data, "obs": data["obs"][:, :1], "next_obs": data["obs"][:, :1]})
+    assert flat.obs.shape == (2, 3, 3)
