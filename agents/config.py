@@ -175,6 +175,29 @@ class ProbeConfig:
 
 
 @dataclass
+class DistributedConfig:
+    num_actors: int = 2
+    """Actor processes started by `eosrl launch` (`--actors` overrides it)."""
+    actor_epsilon: str = "schedule"
+    """`schedule`: every actor follows agent.epsilon_*; `apex`: actor i of N keeps the fixed
+    ε_i = apex_epsilon^(1 + apex_alpha·i/(N−1)) of Ape-X (Horgan et al., 2018)."""
+    apex_epsilon: float = 0.4
+    """Base ε of the Ape-X per-actor exploration."""
+    apex_alpha: float = 7.0
+    """Exponent spread of the Ape-X per-actor exploration."""
+    param_refresh_steps: int = 200
+    """Env steps between an actor's reads of the `params` table."""
+    publish_every: int = 100
+    """Learner updates between writes of the parameters to the `params` table."""
+    max_actor_restarts: int = 3
+    """Restarts the local launcher grants each actor that dies before giving up on it."""
+    replay_checkpoint_seconds: int = 600
+    """Seconds between Reverb checkpoints of the replay server (also taken at shutdown)."""
+    error_buffer: float = 0.0
+    """Slack of the SampleToInsertRatio limiter in samples (0: ten updates' worth, at least 100)."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     """Run name; the default run directory is runs/<name>."""
@@ -183,6 +206,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     run: RunConfig = field(default_factory=RunConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 ENV_KINDS = ("atari", "minatar", "gym")
@@ -225,6 +249,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -404,5 +433,15 @@ def validate(c: Config) -> None:
         raise ConfigError(f"probe.iterations: {p.iterations} is fewer than probe.num_eigs {p.num_eigs}")
     if p.enabled and p.batch_size > r.capacity:
         raise ConfigError(f"probe.batch_size: {p.batch_size} is larger than replay.capacity {r.capacity}")
+    d = c.distributed
+    _one_of("distributed.actor_epsilon", d.actor_epsilon, ("schedule", "apex"))
+    _positive("distributed.num_actors", d.num_actors)
+    _positive("distributed.param_refresh_steps", d.param_refresh_steps)
+    _positive("distributed.publish_every", d.publish_every)
+    _positive("distributed.max_actor_restarts", d.max_actor_restarts, allow_zero=True)
+    _positive("distributed.replay_checkpoint_seconds", d.replay_checkpoint_seconds)
+    _positive("distributed.error_buffer", d.error_buffer, allow_zero=True)
+    if not 0.0 < d.apex_epsilon < 1.0:
+        raise ConfigError(f"distributed.apex_epsilon: must be in (0, 1), got {d.apex_epsilon}")
     if not c.name or "/" in c.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got {c.name!r}")

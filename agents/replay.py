@@ -92,12 +92,15 @@ class TransitionAdder:
     """
 
     def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
-                 table: str = REPLAY_TABLE):
+                 table: str = REPLAY_TABLE, max_in_flight_items: Optional[int] = None):
         self._client = client
         self._n = n_step
         self._gamma = discount
         self._stack = frame_stack
         self._table = table
+        # create_item never blocks; waiting for confirmations is what lets the
+        # table's rate limiter hold a distributed actor back.
+        self._max_in_flight = max_in_flight_items
         # Oldest referenced row is at most (n-1) transition-only rows + n + stack rows back.
         self._writer = client.trajectory_writer(num_keep_alive_refs=2 * n_step + 2 * frame_stack + 2)
         self._row = -1                    # step index t of the last observation in this episode
@@ -138,6 +141,18 @@ class TransitionAdder:
             "next_obs": history["frame"][self._stack_rows(end)],
         })
         self.items_written += 1
+        if self._max_in_flight is not None:
+            self._wait(self._max_in_flight)
+
+    def _wait(self, block_until_num_items: int) -> None:
+        """Waits for the server in short slices, so a SIGTERM handler gets to run
+        even while the rate limiter holds inserts back."""
+        while True:
+            try:
+                self._writer.flush(block_until_num_items, timeout_ms=1000)
+                return
+            except reverb.errors.DeadlineExceededError:
+                continue
 
     def observe(self, action: int, reward: float, terminal: bool, next_obs: np.ndarray,
                 episode_over: bool) -> None:
@@ -163,11 +178,12 @@ class TransitionAdder:
                 self._writer.append({"action": np.int32(self._actions[start]),
                                      "reward": ret, "discount": disc})
                 self._create_item(start, self._row)
+            self._wait(0)
             self._writer.end_episode(clear_buffers=True)
             self._row = -1
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._wait(0)
 
     def close(self) -> None:
         self._writer.close()

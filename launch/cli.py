@@ -53,7 +53,9 @@ def _print_summary(summary: dict) -> None:
     print(f"  next: eosrl evaluate {summary['run_dir']}   |   eosrl plot {summary['run_dir']}")
 
 
-def cmd_train(args) -> int:
+def _run_config(args, command: str):
+    """(config, run dir) for train/launch: a new run from CONFIG or --resume RUN_DIR."""
+    from agents.config import save_config
     from launch.rundir import RunDir
     if args.resume:
         run_dir = RunDir(args.resume)
@@ -63,24 +65,105 @@ def cmd_train(args) -> int:
         if checkpoint.latest(run_dir.checkpoints) is None:
             raise UsageError(f"--resume {args.resume}: no checkpoint in {run_dir.checkpoints}")
         config = _load(str(run_dir.config), args.set)
-        path = run_dir.path
-    else:
-        if not args.config:
-            raise UsageError("train: give a CONFIG file or --resume RUN_DIR")
-        config = _load(args.config, args.set)
-        path = Path(args.run_dir or Path("runs") / config.name)
-        if (path / "metrics.jsonl").exists() and not args.overwrite:
-            raise UsageError(f"run directory {path} already holds a run "
-                             f"(use --resume {path}, --run-dir DIR or --overwrite)")
-        if args.overwrite and path.exists():
-            import shutil
-            shutil.rmtree(path)
+        if args.set:  # what runs is what config.yaml says
+            save_config(config, run_dir.config)
+        return config, run_dir.path
+    if not args.config:
+        raise UsageError(f"{command}: give a CONFIG file or --resume RUN_DIR")
+    config = _load(args.config, args.set)
+    path = Path(args.run_dir or Path("runs") / config.name)
+    if (path / "metrics.jsonl").exists() and not args.overwrite:
+        raise UsageError(f"run directory {path} already holds a run "
+                         f"(use --resume {path}, --run-dir DIR or --overwrite)")
+    if args.overwrite and path.exists():
+        import shutil
+        shutil.rmtree(path)
+    return config, path
+
+
+def cmd_train(args) -> int:
+    config, path = _run_config(args, "train")
     from launch.rundir import route_native_logs
     route_native_logs(path / "native.log")
     from launch.train import train
     summary = train(config, path, resume=bool(args.resume), progress=not args.no_progress)
     _print_summary(summary)
     return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_launch(args) -> int:
+    if args.actors is not None:
+        args.set = list(args.set) + [f"distributed.num_actors={args.actors}"]
+    config, path = _run_config(args, "launch")
+    from agents.config import save_config
+    from launch.rundir import RunDir, route_native_logs, sigterm_as_interrupt
+    run_dir = RunDir(path).create()
+    if not args.resume:
+        save_config(config, run_dir.config)
+    route_native_logs(run_dir.path / "native.log")
+    if args.launcher == "ray":
+        from launch.ray_launcher import launch_ray
+        summary = launch_ray(config, run_dir.path, config.distributed.num_actors,
+                             resume=bool(args.resume), address=args.ray_address,
+                             learner_gpus=args.learner_gpus)
+    else:
+        from launch.local import launch_local
+        with sigterm_as_interrupt():
+            summary = launch_local(config, run_dir.path, config.distributed.num_actors,
+                                   resume=bool(args.resume), progress=not args.no_progress)
+    _print_summary(summary)
+    if summary.get("message"):
+        print(f"eosrl: {summary['message']}", file=sys.stderr)
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _role_setup(args):
+    config = _load(args.config, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is not None:
+        from launch.rundir import route_native_logs
+        route_native_logs(run_dir / "logs" / "native.log")
+    return config, run_dir
+
+
+def _address(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--replay {value!r}: expected HOST:PORT, e.g. localhost:8000")
+    return value
+
+
+def cmd_replay_server(args) -> int:
+    config, run_dir = _role_setup(args)
+    from launch.roles import run_replay_server
+    run_replay_server(config, args.port, run_dir)
+    return 0
+
+
+def cmd_actor(args) -> int:
+    address = _address(args.replay)
+    config, run_dir = _role_setup(args)
+    num_actors = args.num_actors or config.distributed.num_actors
+    if not 0 <= args.id < num_actors:
+        raise UsageError(f"--id {args.id}: must be in 0..{num_actors - 1} (--num-actors {num_actors})")
+    from launch.roles import run_actor
+    return run_actor(config, address, args.id, num_actors, args.steps, run_dir, args.start_step)
+
+
+def cmd_learner(args) -> int:
+    address = _address(args.replay)
+    if not args.run_dir:
+        raise UsageError("learner: --run-dir is required (metrics and checkpoints go there)")
+    config, run_dir = _role_setup(args)
+    from launch.roles import run_learner
+    return run_learner(config, address, run_dir)
+
+
+def cmd_evaluator(args) -> int:
+    address = _address(args.replay)
+    config, run_dir = _role_setup(args)
+    from launch.roles import run_evaluator
+    return run_evaluator(config, address, run_dir)
 
 
 def _resolve_checkpoint(target: str):
@@ -149,6 +232,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("launch", help="distributed run: replay server, actors, learner, evaluator as processes",
+                       description="Start and supervise every role of a run as its own process "
+                                   "(local) or as Ray actors (--launcher ray).")
+    p.add_argument("config", nargs="?", help="YAML config")
+    p.add_argument("--actors", type=int, help="actor processes (default distributed.num_actors)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--run-dir", help="run directory (default runs/<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint and replay")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local subprocesses (default) or a Ray cluster")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--learner-gpus", type=float, default=0.0, help="GPUs the Ray learner asks for")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_launch)
+
+    role_help = "run the {} role alone, connected to a replay server by address"
+    p = sub.add_parser("replay-server", help="run the Reverb replay server role",
+                       description="Serve the `replay` and `params` tables of CONFIG.")
+    p.add_argument("config")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--run-dir", help="where table checkpoints go (RUN_DIR/replay)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_replay_server)
+    for name, func in (("actor", cmd_actor), ("learner", cmd_learner), ("evaluator", cmd_evaluator)):
+        p = sub.add_parser(name, help=role_help.format(name), description=role_help.format(name) + ".")
+        p.add_argument("config")
+        p.add_argument("--replay", required=True, metavar="HOST:PORT", help="the replay server's address")
+        p.add_argument("--run-dir", help="run directory for metrics (and the learner's checkpoints)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        if name == "actor":
+            p.add_argument("--id", type=int, required=True, help="actor index (seed and Ape-X ε)")
+            p.add_argument("--num-actors", type=int, help="actors in the run (default distributed.num_actors)")
+            p.add_argument("--steps", type=int, help="env steps for this actor (default its share of run.total_env_steps)")
+            p.add_argument("--start-step", type=int, default=0, help="env steps this actor already did (resume)")
+        p.set_defaults(func=func)
+
     p = sub.add_parser("evaluate", help="evaluate a run's latest checkpoint or a checkpoint file",
                        description="Evaluate a checkpoint; prints one JSON line and appends an "
                                    "`eval` record to the run's metrics.")
@@ -173,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from envs.factory import EnvError
     try:
         return args.func(args)
-    except (UsageError, ConfigError, EnvError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, EnvError, CheckpointError, FileNotFoundError, ConnectionError) as e:
         return _fail(str(e))
 
 

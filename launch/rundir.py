@@ -13,9 +13,11 @@ or Ctrl-C never loses the records written before it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -137,3 +139,15 @@ def route_native_logs(log_path: str | Path) -> None:
     os.dup2(log_fd, 2)
     os.close(log_fd)
     sys.stderr = os.fdopen(terminal, "w", buffering=1)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Treats SIGTERM like Ctrl-C inside the block, so both end a run the same clean way."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -26,7 +25,7 @@ from agents.actor import Actor, Evaluator  # noqa: E402
 from agents.config import Config, load_config, save_config  # noqa: E402
 from agents.learner import Learner  # noqa: E402
 from envs.factory import env_spec, make_env  # noqa: E402
-from launch.rundir import MetricsWriter, RunDir  # noqa: E402
+from launch.rundir import MetricsWriter, RunDir, sigterm_as_interrupt  # noqa: E402
 
 
 class Components:
@@ -51,32 +50,15 @@ class Components:
                 for key, spec in self.signature().items()}
 
 
-def _all_finite(tree) -> bool:
+def all_finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
                if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
 
 
-def _prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
+def prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
     for child in directory.iterdir():
         if child.is_dir() and str(child) != str(Path(keep_path)):
             shutil.rmtree(child, ignore_errors=True)
-
-
-class _Interrupt:
-    """Turns SIGTERM into KeyboardInterrupt so both end the run the same clean way."""
-
-    def __enter__(self):
-        self._old = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._old)
-        return False
 
 
 def train(config: Config, run_path: str | Path, resume: bool = False,
@@ -134,14 +116,14 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     tick, tick_steps = time.time(), env_steps
 
     def save_checkpoint() -> Optional[Path]:
-        if not _all_finite(learner.state.params):
+        if not all_finite(learner.state.params):
             metrics.write("event", learner.step, env_steps=env_steps, event="checkpoint_skipped",
                           reason="non-finite parameters; the last good checkpoint is kept")
             return None
         if rcfg.checkpoint:
             adder.flush()
             saved = client.checkpoint()
-            _prune_replay_checkpoints(run_dir.replay, saved)
+            prune_replay_checkpoints(run_dir.replay, saved)
         keep_batch = probe_batch is not None and config.probe.batch == "fixed"
         extra = {"probe_batch": probe_batch} if keep_batch else {}
         return learner.save(run_dir.checkpoints, keep=run.keep_checkpoints, extra=extra,
@@ -154,7 +136,7 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         return result
 
     try:
-        with _Interrupt():
+        with sigterm_as_interrupt():
             while env_steps < run.total_env_steps:
                 if actor.step():
                     episodes += 1

@@ -393,3 +393,23 @@ def test_bad_layer_raises_config_error_listing_layers(spec):
     message = str(err.value)
     assert "agent.spectral_norm.layers" in message
     assert "conv_0, dense_0, head" in message
+
+
+@pytest.mark.parametrize("conv", ["reshape", "operator"])
+def test_initial_sigma_is_a_lower_bound_before_any_update(conv):
+    # Before the first learner update actors already use σ (divide/clip). The
+    # estimate from the initial vector must be a true lower bound, which needs a
+    # unit vector: a raw normal draw overestimated σ by ~‖u‖ ≈ √n.
+    net = network("minatar", layers="all", conv=conv, mode="divide")
+    params, state = net.init(jax.random.PRNGKey(0))
+    for layer in net.layer_names:
+        u = np.asarray(state[layer]["u"])
+        assert abs(np.linalg.norm(u) - 1.0) < 1e-5, layer
+        w = np.asarray(params[layer]["w"])
+        if w.ndim == 2:
+            exact = top_sv(w)
+        elif conv == "reshape":
+            exact = top_sv(w.reshape(-1, w.shape[-1]))
+        else:
+            exact = top_sv(conv_matrix(w, 1, (10, 10, 4)))
+        assert 0 < float(state[layer]["sigma"]) <= exact * (1 + 1e-5), layer

@@ -1,0 +1,233 @@
+"""`eosrl launch` with the local launcher: every role as its own OS process.
+
+The launcher starts the replay server, the learner, N actors and the
+evaluator (each `python -m launch.cli ROLE ...`, logs in RUN_DIR/logs/),
+shows one progress display, restarts actors that die (bounded), stops the
+run with a clear message when the learner dies, and on Ctrl-C or SIGTERM
+stops the learner first (it writes its final checkpoint while actors still
+feed it), then everything else, leaving no process behind.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from agents import checkpoint
+from agents.config import Config
+from launch.rundir import MetricsWriter, RunDir, read_metrics
+
+STOP_GRACE_S = 8.0
+
+
+class Child:
+    def __init__(self, name: str, args: List[str], log_dir: Path):
+        self.name, self.args, self.log_dir = name, args, log_dir
+        self.restarts = 0
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        log = open(self.log_dir / f"{self.name}.log", "a")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+        # A session of its own: a terminal's Ctrl-C reaches only the launcher,
+        # which then stops the roles in the order that keeps the checkpoint good.
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *self.args],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        log.close()
+
+    def poll(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, sig) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=max(0.0, timeout))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+
+def _free_port() -> int:
+    import portpicker
+    return portpicker.pick_unused_port()
+
+
+def _stop(children: List[Child], deadline_s: float) -> None:
+    """SIGTERM, wait until the deadline, then SIGKILL whatever is left."""
+    for child in children:
+        child.signal(signal.SIGTERM)
+    end = time.time() + deadline_s
+    for child in children:
+        child.wait(end - time.time())
+    for child in children:
+        if child.poll() is None:
+            child.signal(signal.SIGKILL)
+            child.wait(2.0)
+
+
+class _MetricsTail:
+    """Reads records appended to metrics.jsonl since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new_records(self):
+        import json
+        if not self.path.exists():
+            return []
+        with open(self.path) as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        records = []
+        for line in complete.splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return records
+
+
+def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool = False,
+                 progress: bool = True) -> Dict:
+    start_time = time.time()
+    run_dir = RunDir(run_path).create()
+    logs = run_dir.path / "logs"
+    logs.mkdir(exist_ok=True)
+    config_path = str(run_dir.config)
+    address = f"localhost:{_free_port()}"
+    events = MetricsWriter(run_dir, tensorboard=False)
+    tail = _MetricsTail(run_dir.metrics)
+    tail.new_records()  # start after what an earlier (resumed) run wrote
+
+    done_steps = 0
+    latest = checkpoint.latest(run_dir.checkpoints)
+    if resume and latest is not None:
+        done_steps = int(checkpoint.read_meta(latest).get("env_steps", 0))
+    share = math.ceil(config.run.total_env_steps / num_actors)
+    done_share = math.ceil(done_steps / num_actors)
+    port = address.split(":")[1]
+    replay_server = Child("replay", ["replay-server", config_path, "--port", port,
+                                     "--run-dir", str(run_dir.path)], logs)
+    learner = Child("learner", ["learner", config_path, "--replay", address,
+                                "--run-dir", str(run_dir.path)], logs)
+    evaluator = Child("evaluator", ["evaluator", config_path, "--replay", address,
+                                    "--run-dir", str(run_dir.path)], logs)
+    actor_steps: Dict[int, int] = {i: done_share for i in range(num_actors)}
+
+    def actor_child(i: int) -> Child:
+        return Child(f"actor_{i}", ["actor", config_path, "--replay", address, "--id", str(i),
+                                    "--num-actors", str(num_actors), "--steps", str(share),
+                                    "--start-step", str(actor_steps[i]),
+                                    "--run-dir", str(run_dir.path)], logs)
+
+    actors = [actor_child(i) for i in range(num_actors)]
+    everyone = [replay_server, learner, evaluator, *actors]
+    events.write("event", 0, event="launch", launcher="local", address=address,
+                 num_actors=num_actors, resume=resume, env_steps=done_steps)
+
+    from launch.roles import connect, inserted_steps
+    status, message = "completed", ""
+    last_eval: Optional[float] = None
+    updates = 0
+    bar = None
+    try:
+        replay_server.start()
+        client = connect(address, timeout_s=120)
+        learner.start()
+        for child in actors:
+            child.start()
+        evaluator.start()
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=config.run.total_env_steps, initial=done_steps, unit="step", dynamic_ncols=True)
+        tick, tick_steps, tick_updates = time.time(), done_steps, 0
+        while True:
+            time.sleep(1.0)
+            for record in tail.new_records():
+                if record.get("kind") == "eval":
+                    last_eval = record.get("return_mean")
+                elif record.get("kind") == "train":
+                    updates = record["step"]
+                elif record.get("kind") == "actor":
+                    actor_steps[record["actor"]] = record["env_steps"]
+            code = learner.poll()
+            if code is not None:
+                if code != 0:
+                    status = "learner_died"
+                    message = (f"the learner exited with code {code} (log: {logs / 'learner.log'}); "
+                               f"its last checkpoint is intact: eosrl launch --resume {run_dir.path}")
+                break
+            for i, child in enumerate(actors):
+                code = child.poll()
+                if code is None or code == 0:
+                    continue
+                if child.restarts < config.distributed.max_actor_restarts:
+                    restarts = child.restarts + 1
+                    events.write("event", updates, event="actor_restarted", actor=i, exit_code=code,
+                                 restart=restarts, env_steps=actor_steps[i])
+                    actors[i] = actor_child(i)
+                    actors[i].restarts = restarts
+                    actors[i].start()
+                    everyone = [replay_server, learner, evaluator, *actors]
+                elif child.restarts >= 0:
+                    events.write("event", updates, event="actor_given_up", actor=i, exit_code=code)
+                    child.restarts = -1  # reported once
+            if replay_server.poll() is not None:
+                status, message = "replay_died", f"the replay server exited (log: {logs / 'replay.log'})"
+                break
+            if bar is not None:
+                steps = inserted_steps(client)
+                now = time.time()
+                sps = (steps - tick_steps) / max(now - tick, 1e-9)
+                ups = (updates - tick_updates) / max(now - tick, 1e-9)
+                tick, tick_steps, tick_updates = now, steps, updates
+                bar.update(min(steps, bar.total) - bar.n)
+                bar.set_postfix(sps=f"{sps:.0f}", upd_s=f"{ups:.0f}",
+                                eval=f"{last_eval:.1f}" if last_eval is not None else "-", refresh=True)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        if bar is not None:
+            bar.close()
+        # Learner first (its final checkpoint needs batches, which need live actors).
+        _stop([learner], STOP_GRACE_S)
+        _stop([evaluator, *actors], 2.0)
+        _stop([replay_server], 4.0)
+    for record in tail.new_records():
+        if record.get("kind") == "eval":
+            last_eval = record.get("return_mean")
+    latest = checkpoint.latest(run_dir.checkpoints)
+    final_eval = None
+    if status == "completed" and latest is not None:
+        from launch.evaluate import evaluate_checkpoint
+        final_eval = evaluate_checkpoint(config, latest, run_dir.path)["return_mean"]
+    summary = {
+        "status": status,
+        "message": message,
+        "run_dir": str(run_dir.path),
+        "env_steps": int(checkpoint.read_meta(latest).get("env_steps", 0)) if latest else 0,
+        "learner_updates": int(checkpoint.read_meta(latest).get("learner_step", 0)) if latest else 0,
+        "final_eval_return": final_eval if final_eval is not None else last_eval,
+        "checkpoint": str(latest) if latest else None,
+        "wall_seconds": round(time.time() - start_time, 1),
+    }
+    events.write("event", summary["learner_updates"], event="launch_finished",
+                 **{k: v for k, v in summary.items() if k != "learner_updates"})
+    events.close()
+    return summary
