@@ -347,10 +347,11 @@ class Prober:
     The loss is `learner.loss_fn(params, target_params, net_state,
     target_net_state, batch, False)`: target parameters, batch and the SN
     vectors are held fixed, only the online parameters vary. Batches are
-    what `learner.update` takes (the learner's `preprocess` is applied here
-    too). With `config.batch == "fixed"` the first batch given is kept in
-    `fixed_batch` (host numpy arrays, so the learner can checkpoint it) and
-    reused by every later probe.
+    `Transition`s as the loss takes them, i.e. already through
+    `learner.preprocess` (the Prober does not apply it again). With
+    `config.batch == "fixed"` the first batch given is kept in `fixed_batch`
+    (host numpy arrays, so it can be checkpointed) and reused by every later
+    probe; `set_fixed_batch` replaces it (e.g. after a restore).
     """
 
     def __init__(self, config: ProbeConfig, learner, seed: int = 0):
@@ -386,10 +387,9 @@ class Prober:
 
     # -- the jitted measurement ----------------------------------------------
 
-    def _measure_fn(self, state, raw_batch, rng) -> Dict[str, jnp.ndarray]:
+    def _measure_fn(self, state, batch, rng) -> Dict[str, jnp.ndarray]:
         c = self.config
         learner = self.learner
-        batch = learner.preprocess(raw_batch)
         flat, unravel = ravel_pytree(state.params)
         dim, dtype = flat.shape[0], flat.dtype
 
@@ -429,7 +429,8 @@ class Prober:
     # -- the record -------------------------------------------------------------
 
     def probe(self, batch=None) -> Dict[str, Any]:
-        """Measures now and returns a JSON-ready `probe` record."""
+        """Measures now and returns a JSON-ready `probe` record. `batch` may
+        be omitted once a fixed batch is set."""
         batch = self._select_batch(batch)
         step = self.learner.step
         start = time.perf_counter()

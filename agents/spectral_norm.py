@@ -2,10 +2,12 @@
 
 A selected layer uses W/σ (`divide`), W/max(1, σ) (`clip`) or W itself while
 σ is measured (`log`). σ comes from power iteration with persistent vectors
-kept in haiku state: they advance only when the learner asks
-(`update_sn=True`), never while acting or evaluating. The parameter names are
-the same as those of the plain layer (`<layer>/w`, `<layer>/b`), so
-checkpoints, probes and optimisers do not depend on whether SN is on.
+kept in haiku state: they and the logged σ change only when the learner asks
+(`update_sn=True`); acting and evaluating return the state they were given.
+The parameter names are the same as those of the plain layer (`<layer>/w`,
+`<layer>/b`), and the vectors do not draw from haiku's key sequence, so the
+same seed gives the same weights with SN on or off, and checkpoints, probes
+and optimisers do not depend on whether SN is on.
 """
 from __future__ import annotations
 

@@ -85,14 +85,17 @@ def measure(case: str, batch_size: int = 512, num_actions: int = 6,
     flat, unravel = ravel_pytree(params)
 
     # The probe's loss: target params (here a copy), batch and SN state fixed.
-    def loss_of_flat(x):
-        return loss_fn(unravel(x), params, net_state, net_state, batch, False)[0]
+    # They are jit *arguments*, not closed-over constants: as constants, XLA
+    # would constant-fold the target network's forward pass at compile time
+    # (minutes on CPU) and time a different program than the probe runs.
+    def loss_of_flat(x, target_params, batch):
+        return loss_fn(unravel(x), target_params, net_state, net_state, batch, False)[0]
 
     grad = jax.jit(jax.grad(loss_of_flat))
-    hvp = jax.jit(lambda x, v: make_hvp(loss_of_flat, x)(v))
+    hvp = jax.jit(lambda x, v, tp, b: make_hvp(lambda y: loss_of_flat(y, tp, b), x)(v))
     v = jax.random.normal(jax.random.PRNGKey(1), flat.shape, flat.dtype)
-    medians = paired_median_seconds({"grad": lambda: grad(flat), "hvp": lambda: hvp(flat, v)},
-                                    repeats)
+    medians = paired_median_seconds({"grad": lambda: grad(flat, params, batch),
+                                     "hvp": lambda: hvp(flat, v, params, batch)}, repeats)
     grad_s, hvp_s = medians["grad"], medians["hvp"]
     return {"params": int(flat.shape[0]), "grad_s": grad_s, "hvp_s": hvp_s,
             "ratio": hvp_s / grad_s}

@@ -61,6 +61,16 @@ class Child:
             return False
 
 
+def _write_pids(path: Path, children: List[Child]) -> None:
+    """RUN_DIR/logs/pids.json: which process is which role (for operators and tests)."""
+    import json
+    pids = {"launcher": os.getpid()}
+    pids.update({c.name: c.proc.pid for c in children if c.proc is not None})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pids))
+    os.replace(tmp, path)
+
+
 def _free_port() -> int:
     import portpicker
     return portpicker.pick_unused_port()
@@ -153,6 +163,7 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
         for child in actors:
             child.start()
         evaluator.start()
+        _write_pids(logs / "pids.json", everyone)
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=config.run.total_env_steps, initial=done_steps, unit="step", dynamic_ncols=True)
@@ -185,6 +196,7 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                     actors[i].restarts = restarts
                     actors[i].start()
                     everyone = [replay_server, learner, evaluator, *actors]
+                    _write_pids(logs / "pids.json", everyone)
                 elif child.restarts >= 0:
                     events.write("event", updates, event="actor_given_up", actor=i, exit_code=code)
                     child.restarts = -1  # reported once

@@ -41,8 +41,11 @@ class Stop(Exception):
 def _install_stop_handlers() -> None:
     def handler(signum, frame):
         raise Stop()
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    try:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        pass  # not the main thread (a Ray worker): the launcher stops this role instead
 
 
 def samples_per_insert(config: Config) -> float:
@@ -227,7 +230,8 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
                                    if has_batch else {})
         probe_batch = extra.get("probe_batch")
         metrics.write("event", learner.step, event="resumed", checkpoint=str(latest),
-                      env_steps=inserted_steps(client))
+                      env_steps=inserted_steps(client),
+                      replay_size=client.server_info()[replay.REPLAY_TABLE].current_size)
     channel = ParamsChannel(client, learner.acting_params())
     channel.publish(*learner.acting_params(), learner.step)
 

@@ -1,0 +1,106 @@
+"""`eosrl launch --launcher ray`: the same roles placed as Ray actors on a Ray
+cluster (`ray.init(address=...)`) or on a local Ray instance.
+
+Each Ray actor calls the role function `eosrl launch` would run as a process
+(launch/roles.py), so both launchers run identical code. The replay server is
+placed first and its node's IP is given to the other roles as the address;
+the learner may ask for GPUs. Ray is an optional extra: `pip install -e .[ray]`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from agents import checkpoint
+from agents.config import Config
+from launch.rundir import read_metrics
+
+
+def _role_actor(ray):
+    @ray.remote(max_restarts=0)
+    class Role:
+        """Runs one role (replay server, actor, learner, evaluator) in a Ray worker."""
+
+        def node_ip(self) -> str:
+            return ray.util.get_node_ip_address()
+
+        def run(self, role: str, config_dict: dict, **kwargs) -> int:
+            import os
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            from agents.config import from_dict
+            from launch import roles
+            config = from_dict(config_dict)
+            if role == "replay":
+                roles.run_replay_server(config, kwargs["port"], kwargs.get("run_dir"))
+                return 0
+            return {"actor": roles.run_actor, "learner": roles.run_learner,
+                    "evaluator": roles.run_evaluator}[role](config, **kwargs)
+
+    return Role
+
+
+def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = False,
+               address: Optional[str] = None, learner_gpus: float = 0.0) -> Dict:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--launcher ray needs Ray: pip install -e '.[ray]'") from None
+    from agents.config import to_dict
+    start_time = time.time()
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
+             log_to_driver=False, num_cpus=None if address else max(4, num_actors + 3))
+    Role = _role_actor(ray)
+    config_dict = to_dict(config)
+    run_dir = str(run_path)
+    import portpicker
+    port = portpicker.pick_unused_port()
+
+    replay_server = Role.options(num_cpus=1).remote()
+    # Ask for the node first: a Ray actor runs one call at a time, and `run` never returns.
+    host = ray.get(replay_server.node_ip.remote())
+    replay_ref = replay_server.run.remote("replay", config_dict, port=port, run_dir=Path(run_dir))
+    replay_address = f"{host}:{port}"
+
+    done = 0
+    latest = checkpoint.latest(Path(run_dir) / "checkpoints")
+    if resume and latest is not None:
+        done = int(checkpoint.read_meta(latest).get("env_steps", 0))
+    share = math.ceil(config.run.total_env_steps / num_actors)
+    learner = Role.options(num_cpus=1, num_gpus=learner_gpus).remote()
+    learner_ref = learner.run.remote("learner", config_dict, address=replay_address, run_dir=Path(run_dir))
+    actors = [Role.options(num_cpus=1).remote() for _ in range(num_actors)]
+    for i, actor in enumerate(actors):
+        actor.run.remote("actor", config_dict, address=replay_address, actor_id=i, num_actors=num_actors,
+                         steps=share, run_dir=Path(run_dir), start_step=math.ceil(done / num_actors))
+    evaluator = Role.options(num_cpus=1).remote()
+    evaluator.run.remote("evaluator", config_dict, address=replay_address, run_dir=Path(run_dir))
+
+    status, message = "completed", ""
+    try:
+        code = ray.get(learner_ref)
+        if code != 0:
+            status, message = "learner_failed", f"the learner returned {code}"
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except ray.exceptions.RayError as e:
+        status, message = "learner_died", f"the learner died: {e}"
+    finally:
+        for handle in [evaluator, *actors, replay_server, learner]:
+            ray.kill(handle, no_restart=True)
+        ray.shutdown()
+    del replay_ref
+    latest = checkpoint.latest(Path(run_dir) / "checkpoints")
+    evals = list(read_metrics(Path(run_dir) / "metrics.jsonl", "eval"))
+    meta = checkpoint.read_meta(latest) if latest else {}
+    return {
+        "status": status,
+        "message": message,
+        "run_dir": run_dir,
+        "env_steps": int(meta.get("env_steps", 0)),
+        "learner_updates": int(meta.get("learner_step", 0)),
+        "final_eval_return": evals[-1]["return_mean"] if evals else None,
+        "checkpoint": str(latest) if latest else None,
+        "wall_seconds": round(time.time() - start_time, 1),
+    }

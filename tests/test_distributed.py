@@ -1,0 +1,173 @@
+"""Distributed runs: roles as real OS processes exchanging data through Reverb.
+
+These tests start real processes and really kill them (SIGKILL, Ctrl-C)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agents import checkpoint
+from conftest import CONFIGS, ROOT
+from launch.rundir import read_metrics
+
+QUICK = ["--set", "run.eval_every=0", "--set", "run.eval_episodes=2", "--set", "replay.min_size=500",
+         "--set", "run.log_every=200", "--set", "run.checkpoint_every=1000"]
+
+
+def _eosrl(*args):
+    return [sys.executable, "-m", "launch.cli", *args]
+
+
+def _start_launch(run_dir, *extra):
+    cmd = _eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
+                 "--no-progress", *QUICK, *extra)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pids(run_dir):
+    path = Path(run_dir) / "logs" / "pids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _events(run_dir, name):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in read_metrics(path, "event") if r.get("event") == name]
+
+
+def _has_checkpoint(run_dir):
+    return checkpoint.latest(Path(run_dir) / "checkpoints") is not None
+
+
+def test_launch_learns_cartpole(tmp_path):
+    """replay + 2 actors + learner + evaluator; the evaluation return reaches 400."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        _eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
+               "--no-progress", "--set", "run.eval_every=2500", "--set", "run.eval_episodes=5"),
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Run completed" in result.stdout
+    evals = list(read_metrics(run_dir / "metrics.jsonl", "eval"))
+    assert evals and max(r["return_mean"] for r in evals) >= 400
+    actors = {r["actor"] for r in read_metrics(run_dir / "metrics.jsonl", "actor")}
+    assert actors == {0, 1}
+    assert all(not _alive(pid) for pid in _pids(run_dir).values())
+
+
+def test_roles_started_by_address(tmp_path):
+    """Each role started alone with the server's address, as on several machines."""
+    import portpicker
+    port = portpicker.pick_unused_port()
+    run_dir = tmp_path / "run"
+    config = str(CONFIGS / "dqn_cartpole.yaml")
+    sets = ["--set", "run.total_env_steps=1500", "--set", "replay.min_size=500", "--set", "run.log_every=200",
+            "--set", "run.checkpoint_every=500"]
+    address = f"localhost:{port}"
+    procs = [subprocess.Popen(_eosrl("replay-server", config, "--port", str(port), *sets), cwd=ROOT)]
+    try:
+        procs.append(subprocess.Popen(_eosrl("learner", config, "--replay", address, "--run-dir", str(run_dir), *sets), cwd=ROOT))
+        procs.append(subprocess.Popen(_eosrl("actor", config, "--replay", address, "--id", "0", "--num-actors", "1",
+                                             "--run-dir", str(run_dir), *sets), cwd=ROOT))
+        assert procs[1].wait(timeout=300) == 0
+        assert procs[2].wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+    train = list(read_metrics(run_dir / "metrics.jsonl", "train"))
+    assert train and train[-1]["step"] == 1000  # (1500 - 500) / update_period 1
+    assert _has_checkpoint(run_dir)
+    assert list(read_metrics(run_dir / "metrics.jsonl", "actor"))
+
+
+def test_actor_kill_restart_then_ctrl_c_stops_everything_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = _start_launch(run_dir, "--set", "run.total_env_steps=200000")
+    try:
+        _wait_for(lambda: "actor_0" in _pids(run_dir), 120, "actors to start")
+        _wait_for(lambda: _has_checkpoint(run_dir), 240, "a first checkpoint")
+        victim = _pids(run_dir)["actor_0"]
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(lambda: _events(run_dir, "actor_restarted"), 60, "the actor restart event")
+        _wait_for(lambda: _pids(run_dir).get("actor_0") not in (None, victim), 30, "a new actor_0")
+        assert launcher.poll() is None  # the learner kept going
+        pids = _pids(run_dir)
+        started = time.time()
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=30)
+        assert time.time() - started < 15
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert all(not _alive(pid) for pid in pids.values()), pids
+    last = checkpoint.latest(run_dir / "checkpoints")
+    saved_step = checkpoint.read_meta(last)["learner_step"]
+    finished = _events(run_dir, "learner_finished")
+    assert finished and finished[-1]["status"] == "interrupted"
+    assert finished[-1]["step"] == saved_step  # the final checkpoint is the learner's last state
+
+    # Resume continues the learner's step counter, with the replay reloaded.
+    resumed = subprocess.run(_eosrl("launch", "--resume", str(run_dir), "--no-progress",
+                                    "--set", f"run.total_env_steps={checkpoint.read_meta(last)['env_steps'] + 1500}"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    event = _events(run_dir, "resumed")[-1]
+    assert event["step"] == saved_step
+    assert event["replay_size"] > 0
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl", "train") if r["step"] > saved_step]
+    assert train, "the resumed learner logged no updates"
+
+
+def test_learner_death_stops_run_with_message(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = _start_launch(run_dir, "--set", "run.total_env_steps=200000")
+    try:
+        _wait_for(lambda: _has_checkpoint(run_dir), 240, "a first checkpoint")
+        pids = _pids(run_dir)
+        os.kill(pids["learner"], signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1
+    assert "learner exited" in stderr and "--resume" in stderr
+    assert all(not _alive(pid) for pid in pids.values())
+    checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), _template())
+
+
+def _template():
+    from agents.config import load_config
+    from launch.train import Components
+    from agents.learner import LearnerState  # noqa: F401
+    learner = Components(load_config(CONFIGS / "dqn_cartpole.yaml")).learner()
+    return {"learner": learner.state, "extra": {}}
