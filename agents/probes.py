@@ -348,10 +348,9 @@ class Prober:
     target_net_state, batch, False)`: target parameters, batch and the SN
     vectors are held fixed, only the online parameters vary. Batches are
     `Transition`s as the loss takes them, i.e. already through
-    `learner.preprocess` (the Prober does not apply it again). With
-    `config.batch == "fixed"` the first batch given is kept in `fixed_batch`
-    (host numpy arrays, so it can be checkpointed) and reused by every later
-    probe; `set_fixed_batch` replaces it (e.g. after a restore).
+    `learner.preprocess` (the Prober does not apply it again). The caller
+    owns the batch: for `probe.batch: fixed` it draws one when learning
+    starts, passes it every time and keeps it in its checkpoints.
     """
 
     def __init__(self, config: ProbeConfig, learner, seed: int = 0):
@@ -359,26 +358,8 @@ class Prober:
         self.learner = learner
         self.opt_config: OptimizerConfig = learner.agent.optimizer
         self.adaptive = is_adaptive(self.opt_config)
-        self.fixed_batch = None
         self._rng = jax.random.PRNGKey(seed)
         self._measure = jax.jit(self._measure_fn)  # compiled once per batch shape
-
-    # -- batch handling -------------------------------------------------------
-
-    def set_fixed_batch(self, batch) -> None:
-        self.fixed_batch = jax.tree_util.tree_map(np.asarray, batch)
-
-    def _select_batch(self, batch):
-        if self.config.batch != "fixed":
-            if batch is None:
-                raise ValueError("Prober.probe: probe.batch is 'fresh', so a batch must be given")
-            return batch
-        if self.fixed_batch is None:
-            if batch is None:
-                raise ValueError("Prober.probe: no fixed batch yet; pass the first batch "
-                                 "or call set_fixed_batch")
-            self.set_fixed_batch(batch)
-        return self.fixed_batch
 
     def should_probe(self, step: int) -> bool:
         """Probe every `config.every` learner updates (not before the first:
@@ -428,10 +409,8 @@ class Prober:
 
     # -- the record -------------------------------------------------------------
 
-    def probe(self, batch=None) -> Dict[str, Any]:
-        """Measures now and returns a JSON-ready `probe` record. `batch` may
-        be omitted once a fixed batch is set."""
-        batch = self._select_batch(batch)
+    def probe(self, batch) -> Dict[str, Any]:
+        """Measures now on `batch` and returns a JSON-ready `probe` record."""
         step = self.learner.step
         start = time.perf_counter()
         out = jax.device_get(self._measure(self.learner.state, batch,

@@ -170,14 +170,6 @@ def test_record_threshold_follows_the_schedule(case):
     json.dumps(case.record, allow_nan=False)  # JSON-ready
 
 
-def test_fixed_batch_is_kept(case):
-    prober = case.prober
-    assert isinstance(prober.fixed_batch.obs, np.ndarray)
-    np.testing.assert_array_equal(prober.fixed_batch.obs, case.batch.obs)
-    again = prober.probe(make_batch(1))  # ignored: the fixed batch is reused
-    assert again["eigenvalues"] == pytest.approx(case.record["eigenvalues"], rel=1e-5)
-
-
 def test_should_probe(case):
     prober = case.prober
     assert [s for s in range(35) if prober.should_probe(s)] == [10, 20, 30]

@@ -1,0 +1,48 @@
+"""Probes inside a real training run: records in metrics.jsonl, the fixed probe
+batch kept in checkpoints across a resume, and plots of the run."""
+import numpy as np
+
+from agents import checkpoint
+from agents.config import load_config
+from conftest import CONFIGS
+from launch.plot import plot_runs
+from launch.rundir import read_metrics
+from launch.train import Components, train
+
+PROBE_KEYS = {"eigenvalues", "residuals", "sharpness", "threshold", "sharpness_over_threshold",
+              "grad_norm", "trace", "geometric_complexity", "seconds", "env_steps"}
+
+
+def test_probes_during_training_and_fixed_batch_survives_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    sets = ["probe.enabled=true", "probe.every=100", "probe.batch_size=128", "probe.iterations=10",
+            "run.total_env_steps=1500", "replay.min_size=500", "run.eval_every=0",
+            "run.eval_episodes=1", "agent.optimizer.name=sgd", "agent.optimizer.lr=0.01",
+            "agent.optimizer.momentum=0.9", "run.log_every=250"]
+    config = load_config(CONFIGS / "dqn_cartpole.yaml", sets)
+    summary = train(config, run_dir, progress=False)
+    probes = list(read_metrics(run_dir / "metrics.jsonl", "probe"))
+    assert [p["step"] for p in probes] == list(range(100, summary["learner_updates"] + 1, 100))
+    assert len(probes) >= 9
+    for p in probes:
+        assert PROBE_KEYS <= set(p)
+        assert len(p["eigenvalues"]) == 5 and p["eigenvalues"] == sorted(p["eigenvalues"], reverse=True)
+        assert abs(p["threshold"] - (2 + 2 * 0.9) / 0.01) < 1e-6   # heavy ball (2+2β)/η
+        assert p["sharpness"] == p["eigenvalues"][0]
+
+    parts = Components(config)
+    path = checkpoint.latest(run_dir / "checkpoints")
+    template = {"learner": parts.learner().state, "extra": {"probe_batch": parts.batch_template(128)}}
+    saved, meta = checkpoint.load(path, template)
+    assert meta["has_probe_batch"]
+    batch_before = saved["extra"]["probe_batch"]
+
+    config = load_config(run_dir / "config.yaml", ["run.total_env_steps=1800"])
+    train(config, run_dir, resume=True, progress=False)
+    saved, _ = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), template)
+    for key in batch_before:
+        np.testing.assert_array_equal(saved["extra"]["probe_batch"][key], batch_before[key])
+
+    written = plot_runs([run_dir])
+    names = {p.name for p in written}
+    assert {"sharpness.png", "eigenvalues.png", "loss.png", "returns.png"} <= names
