@@ -77,8 +77,9 @@ class SpectralNormConfig:
     """σ of a convolution: `reshape` (norm of the kernel reshaped to a matrix, the usual
     approximation) or `operator` (true operator norm of the convolution for its input shape)."""
     scale_lr: bool = False
-    """Step-size ablation of the paper: divide each selected layer's gradient by max(1, σ)
-    (use with mode `log`, so the function is unchanged and only the step size differs)."""
+    """Step-size ablation of the paper: divide each selected layer's learning rate (its
+    optimiser update) by max(1, σ); use with mode `log`, so the function is unchanged
+    and only the step size differs."""
 
 
 @dataclass

@@ -216,8 +216,9 @@ class DatasetWriter:
     terminal). An episode left open by `add_first` or `close()` is cut: its last
     observation is written as its final row and it counts as incomplete.
 
-    A shard holds `shard_size` rows (frames), plus at most `frame_stack + 1` more so one
-    call's rows stay together; episodes continue across shards. Each shard is written to a
+    A shard holds `shard_size` rows (frames), plus at most `frame_stack` more so one call's
+    rows stay together; episodes continue across shards. The open shard lives in memory
+    (`shard_size` frames: 0.7 GB for 100k Atari frames). One writer per directory. Each shard is written to a
     temporary file, fsynced and renamed, then `meta.json` is rewritten the same way, so a
     crash loses at most the rows of the open shard. `resume=True` appends to a dataset a
     crashed writer left behind (its open episode stays cut).

@@ -90,9 +90,9 @@ class Learner:
         (loss, (net_state, mean_q)), grads = grad_fn(
             state.params, state.target_params, state.net_state, state.target_net_state,
             batch, True)
-        if self.agent.spectral_norm.scale_lr:
-            grads = spectral_norm.scale_gradients(grads, net_state)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        if self.agent.spectral_norm.scale_lr:
+            updates = spectral_norm.scale_updates(updates, net_state)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
         period = self.agent.target_update_period

@@ -88,11 +88,15 @@ def matrix_sigma(w: jnp.ndarray, u: jnp.ndarray) -> jnp.ndarray:
     return jnp.linalg.norm(w @ u) / (jnp.linalg.norm(u) + _EPS)
 
 
-def conv_operator(w: jnp.ndarray, stride: int):
-    """The linear map x ↦ conv(x, w) with SAME padding, as haiku's Conv2D applies it."""
+# The DQN (Mnih et al., 2015) and MinAtar (Young & Tian, 2019) networks use unpadded convolutions.
+CONV_PADDING = "VALID"
+
+
+def conv_operator(w: jnp.ndarray, stride: int, padding: str = CONV_PADDING):
+    """The linear map x ↦ conv(x, w), as haiku's Conv2D applies it with `padding`."""
     def op(x):
         return jax.lax.conv_general_dilated(
-            x, w, window_strides=(stride, stride), padding="SAME",
+            x, w, window_strides=(stride, stride), padding=padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return op
 
@@ -160,7 +164,7 @@ class SNLinear(_SNLayer):
 
 
 class SNConv2D(_SNLayer):
-    """hk.Conv2D (NHWC, SAME padding) with a spectrally normalised kernel; same parameters.
+    """hk.Conv2D (NHWC, VALID padding) with a spectrally normalised kernel; same parameters.
 
     σ is that of the kernel reshaped to [k·k·in, out] (`conv: reshape`) or the
     operator norm of the convolution on this layer's input shape (`conv: operator`).
@@ -210,7 +214,7 @@ class LayerSelector:
     def conv(self, name: str, channels: int, kernel: int, stride: int, w_init, update: bool):
         if name in self.selected:
             return SNConv2D(channels, kernel, stride, w_init, self.config, update, name=name)
-        return hk.Conv2D(channels, kernel, stride=stride, padding="SAME", w_init=w_init, name=name)
+        return hk.Conv2D(channels, kernel, stride=stride, padding=CONV_PADDING, w_init=w_init, name=name)
 
 
 def sigmas(net_state: Dict) -> Dict[str, jnp.ndarray]:
@@ -219,11 +223,14 @@ def sigmas(net_state: Dict) -> Dict[str, jnp.ndarray]:
             for layer, values in net_state.items() if "sigma" in values}
 
 
-def scale_gradients(grads: Dict, net_state: Dict) -> Dict:
-    """The step-size ablation: each SN layer's gradient divided by max(1, σ)."""
-    scaled = dict(grads)
+def scale_updates(updates: Dict, net_state: Dict) -> Dict:
+    """The step-size ablation: each SN layer's optimiser update (its effective
+    learning rate) divided by max(1, σ). Scaling the update rather than the
+    gradient keeps the ablation meaningful for Adam, whose step ignores a
+    slowly varying gradient scale."""
+    scaled = dict(updates)
     for layer, values in net_state.items():
-        if "sigma" in values and layer in grads:
+        if "sigma" in values and layer in updates:
             factor = 1.0 / jnp.maximum(1.0, values["sigma"])
-            scaled[layer] = jax.tree_util.tree_map(lambda g: g * factor, grads[layer])
+            scaled[layer] = jax.tree_util.tree_map(lambda g: g * factor, updates[layer])
     return scaled

@@ -72,11 +72,11 @@ def tree_equal(a, b) -> bool:
 
 
 def conv_matrix(w, stride, in_shape):
-    """Explicit matrix of x ↦ conv(x, w) (SAME, no bias), by applying the plain haiku
+    """Explicit matrix of x ↦ conv(x, w) (VALID, no bias), by applying the plain haiku
     Conv2D to every basis vector of the input: row i is the image of e_i."""
     kernel, _, _, channels = w.shape
     conv = hk.without_apply_rng(hk.transform(
-        lambda x: hk.Conv2D(channels, kernel, stride=stride, padding="SAME", name="c")(x)))
+        lambda x: hk.Conv2D(channels, kernel, stride=stride, padding="VALID", name="c")(x)))
     n = int(np.prod(in_shape))
     basis = np.eye(n, dtype=np.float32).reshape((n,) + tuple(in_shape))
     params = {"c": {"w": jnp.asarray(w), "b": jnp.zeros((channels,), jnp.float32)}}
@@ -201,7 +201,7 @@ def test_divide_conv_reshape_equals_kernel_over_its_reshaped_norm():
     params, state, apply = converged_layer("conv", config, x, 200, channels=3, kernel=3, stride=1)
     w = np.asarray(params["l"]["w"])
     plain = hk.without_apply_rng(hk.transform(
-        lambda v: hk.Conv2D(3, 3, padding="SAME", name="l")(v)))
+        lambda v: hk.Conv2D(3, 3, padding="VALID", name="l")(v)))
     expected = plain.apply({"l": {"w": w / top_sv(w.reshape(-1, 3)), "b": params["l"]["b"]}}, x)
     np.testing.assert_allclose(np.asarray(apply(params, state, x)[0]), np.asarray(expected),
                                rtol=2 * REL, atol=1e-6)
@@ -320,11 +320,14 @@ def test_learner_update_reports_sigma_of_selected_layers():
     assert not any(k.startswith("sn_sigma/") for k in plain.update(random_batch("minatar")))
 
 
-def test_scale_lr_divides_layer_gradient_by_max_one_sigma():
+@pytest.mark.parametrize("optimizer", [OptimizerConfig(name="sgd", lr=1.0),
+                                       OptimizerConfig(name="adam", lr=1e-3)], ids=["sgd", "adam"])
+def test_scale_lr_divides_layer_step_by_max_one_sigma(optimizer):
     # log mode: the loss and its gradient are those of the plain network, so two
-    # learners differing only in scale_lr see the same gradient; with SGD (lr 1,
-    # no momentum) the parameter change is minus the (scaled) gradient.
-    sgd = OptimizerConfig(name="sgd", lr=1.0)
+    # learners differing only in scale_lr take the same optimiser step except that
+    # the selected layers' step is divided by max(1, σ) -- for Adam too, whose step
+    # would ignore a scaled gradient.
+    sgd = optimizer
     batch = random_batch("gym")
     runs = {}
     for scale_lr in (False, True):
@@ -346,10 +349,10 @@ def test_scale_lr_divides_layer_gradient_by_max_one_sigma():
     np.testing.assert_array_equal(scaled["dense_0"]["w"], plain["dense_0"]["w"])  # not selected
 
 
-def test_scale_gradients_function():
+def test_scale_updates_function():
     grads = {"a": {"w": jnp.full((2, 2), 6.0)}, "b": {"w": jnp.full((2,), 6.0)}, "c": {"w": jnp.ones(2)}}
     state = {"a": {"sigma": jnp.asarray(3.0)}, "b": {"sigma": jnp.asarray(0.5)}}
-    out = spectral_norm.scale_gradients(grads, state)
+    out = spectral_norm.scale_updates(grads, state)
     np.testing.assert_allclose(out["a"]["w"], 2.0)
     np.testing.assert_allclose(out["b"]["w"], 6.0)  # σ < 1: unchanged
     np.testing.assert_allclose(out["c"]["w"], 1.0)  # not an SN layer
