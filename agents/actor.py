@@ -72,9 +72,11 @@ class Actor:
     """
 
     def __init__(self, env, network: networks.Network, agent: AgentConfig, adder,
-                 seed: int, clip_rewards: bool, epsilon: Optional[Callable[[int], float]] = None):
+                 seed: int, clip_rewards: bool, epsilon: Optional[Callable[[int], float]] = None,
+                 recorder=None):
         self.env = env
         self.adder = adder
+        self.recorder = recorder  # a DatasetWriter: raw rewards and flags, not the adder's view
         self.clip_rewards = clip_rewards
         self.epsilon = epsilon or linear_epsilon(agent.epsilon_start, agent.epsilon_end,
                                                  agent.epsilon_decay_steps)
@@ -95,6 +97,8 @@ class Actor:
         seed = self._seed if self._obs is None and self.steps == 0 else None
         self._obs, _ = self.env.reset(seed=seed)
         self.adder.observe_first(self._obs)
+        if self.recorder is not None:
+            self.recorder.add_first(self._obs)
 
     def step(self) -> bool:
         """One env step; returns True when it ended an episode."""
@@ -110,6 +114,9 @@ class Actor:
         episode_over = terminated or truncated
         terminal = terminated or bool(info.get("life_loss", False))
         self.adder.observe(action, train_reward, terminal, next_obs, episode_over)
+        if self.recorder is not None:
+            self.recorder.add(action, float(reward), terminated, truncated, next_obs,
+                              life_loss=bool(info.get("life_loss", False)))
         self._obs = next_obs
         if episode_over:
             self.stats.end()

@@ -130,6 +130,9 @@ class ReplayConfig:
     """Transitions per learner update."""
     update_period: int = 1
     """Env steps per learner update (samples per insert = batch_size / update_period)."""
+    record_to: str = ""
+    """Record every transition the actor collects to an on-disk dataset at this path
+    (docs/dataset_format.md); empty records nothing."""
     checkpoint: bool = True
     """Checkpoint the replay table with each learner checkpoint (Reverb checkpointer), so a
     resumed run continues with its data. Turn off for Atari-sized buffers (gigabytes per copy)."""
@@ -138,7 +141,10 @@ class ReplayConfig:
 @dataclass
 class RunConfig:
     total_env_steps: int = 50_000
-    """Env steps collected by the behaviour policy over the whole run."""
+    """Env steps collected by the behaviour policy over the whole run (online regimes)."""
+    total_updates: int = 0
+    """Learner updates of an `offline` regime. In offline runs eval_every, checkpoint_every
+    and log_every count learner updates, since no env steps are taken."""
     seed: int = 0
     """Seed of env, network initialisation, exploration and sampling."""
     eval_every: int = 10_000
@@ -199,6 +205,21 @@ class DistributedConfig:
 
 
 @dataclass
+class RegimeConfig:
+    mode: str = "online"
+    """`online` (actors collect), `offline` (learn from `dataset` only) or `offline_to_online`
+    (replay starts with `dataset`, then actors add data)."""
+    dataset: str = ""
+    """Path of a recorded or imported dataset (offline regimes)."""
+    subset: str = "all"
+    """Transitions of the dataset to use: `all`, `first N`, `last N` or `random N` (seeded by run.seed)."""
+    corruption: float = 0.0
+    """Fraction of the used transitions whose `corruption_field` is replaced at random."""
+    corruption_field: str = "actions"
+    """`actions` (uniform random action) or `rewards` (drawn from the dataset's reward values)."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     """Run name; the default run directory is runs/<name>."""
@@ -208,6 +229,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
 
 
 ENV_KINDS = ("atari", "minatar", "gym")
@@ -366,6 +388,16 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {bound}, got {value}")
 
 
+def parse_subset(subset: str) -> tuple:
+    """("all", None) or (mode, N) from `regime.subset`, e.g. "first 100000"."""
+    parts = str(subset).split()
+    if parts == ["all"]:
+        return "all", None
+    if len(parts) == 2 and parts[0] in ("first", "last", "random") and parts[1].isdigit() and int(parts[1]) > 0:
+        return parts[0], int(parts[1])
+    raise ConfigError(f"regime.subset: {subset!r} is not one of 'all', 'first N', 'last N', 'random N'")
+
+
 def validate(c: Config) -> None:
     _one_of("env.kind", c.env.kind, ENV_KINDS)
     _one_of("env.preset", c.env.preset, ATARI_PRESETS)
@@ -444,5 +476,15 @@ def validate(c: Config) -> None:
     _positive("distributed.error_buffer", d.error_buffer, allow_zero=True)
     if not 0.0 < d.apex_epsilon < 1.0:
         raise ConfigError(f"distributed.apex_epsilon: must be in (0, 1), got {d.apex_epsilon}")
+    g = c.regime
+    _one_of("regime.mode", g.mode, ("online", "offline", "offline_to_online"))
+    _one_of("regime.corruption_field", g.corruption_field, ("actions", "rewards"))
+    if not 0.0 <= g.corruption <= 1.0:
+        raise ConfigError(f"regime.corruption: must be in [0, 1], got {g.corruption}")
+    parse_subset(g.subset)
+    if g.mode != "online" and not g.dataset:
+        raise ConfigError(f"regime.dataset: regime.mode {g.mode} needs the path of a dataset")
+    if g.mode == "offline" and u.total_updates <= 0:
+        raise ConfigError("run.total_updates: an offline regime needs a budget of learner updates > 0")
     if not c.name or "/" in c.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got {c.name!r}")

@@ -885,8 +885,17 @@ def replay_into(reader: DatasetReader, adder: Any, selection: Optional[np.ndarra
 
 # ----------------------------------------------------------------------------
 # Importing the DQN Replay Dataset (Dopamine replay logs).
+#
+# The dataset was logged by batch_rl's OutOfGraphLoggedReplayBuffer: Dopamine's circular
+# buffer of `cap` rows (row = add_count % cap), saved whenever add_count % cap == cap - 1,
+# i.e. with the cursor at row cap-1. A checkpoint's rows 0..cap-2 are thus that cycle's
+# adds in order, and its row cap-1 holds the add made just after the previous checkpoint
+# was saved: chronologically it comes first (in checkpoint 0 it was never written). The
+# final log (`log_final_buffer`) saves the cursor c as add_count: new rows are cap-1
+# (after a previous cycle) then 0..c-1.
 
 DQN_REPLAY_STACK = 4
+DQN_REPLAY_LAYOUTS = ("logged", "chronological")
 _STORE_FILE = re.compile(r"^\$store\$_(observation|action|reward|terminal)_ckpt\.(\d+)\.gz$")
 _STORE_KEYS = ("observation", "action", "reward", "terminal")
 
@@ -929,18 +938,33 @@ class _NpyRows:
     def read(self, rows: int) -> np.ndarray:
         try:
             data = self._file.read(rows * self._row_bytes)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise DatasetError(f"{self.path}: unreadable ({type(e).__name__}: {e})") from None
         if len(data) != rows * self._row_bytes:
             raise DatasetError(f"{self.path}: truncated, the header promises {self.shape[0]} rows")
         return np.frombuffer(data, self.dtype).reshape((rows,) + tuple(self.shape[1:]))
 
+    def chunks(self, rows: int, chunk_rows: int) -> Iterator[np.ndarray]:
+        for lo in range(0, rows, chunk_rows):
+            yield self.read(min(chunk_rows, rows - lo))
+
     def close(self) -> None:
         self._file.close()
 
 
+def _last_row(path: Path, chunk_rows: int) -> np.ndarray:
+    """The last row of a gzipped `.npy`: gzip has no random access, so this decompresses it all."""
+    rows = _NpyRows(path)
+    try:
+        for chunk in rows.chunks(rows.shape[0], chunk_rows):
+            last = chunk[-1].copy()
+        return last
+    finally:
+        rows.close()
+
+
 class _DopamineEpisodes:
-    """Turns Dopamine's replay rows into writer calls.
+    """Turns Dopamine's replay rows, in chronological order, into writer calls.
 
     Dopamine stores row t = (o_t, a_t, r_t, terminal_t): the observation the action was
     taken from. Before each episode (and at the start of an empty buffer) it adds
@@ -959,6 +983,10 @@ class _DopamineEpisodes:
         self._pending: Optional[Tuple[int, float]] = None  # last step, awaiting its next frame
         self.skipped_rows = 0
         self.cut_steps = 0
+
+    @property
+    def needs_frames(self) -> bool:
+        return self._state != "skip"
 
     def expect_episode_start(self) -> None:
         self._state, self._pad_frames = "padding", []
@@ -1005,57 +1033,101 @@ def dqn_replay_checkpoints(src_dir: Union[str, Path]) -> List[int]:
     return sorted(n for n, keys in found.items() if keys == set(_STORE_KEYS))
 
 
-def _import_checkpoint(src: Path, checkpoint: int, convert: _DopamineEpisodes, num_actions: int,
-                       chunk_rows: int, frame_spec: Optional[tuple]) -> Tuple[tuple, int]:
+@dataclass
+class _CheckpointOrder:
+    """Chronological order of a checkpoint's rows: `head` (if any), then rows 0..body-1."""
+
+    head: Optional[int]
+    body: int
+    add_count: Optional[int]  # of a full (regular) log; None for a final log or chronological layout
+
+
+def _checkpoint_order(src: Path, checkpoint: int, n: int, layout: str) -> _CheckpointOrder:
+    if layout == "chronological":
+        return _CheckpointOrder(None, n, None)
+    path = src / f"add_count_ckpt.{checkpoint}.gz"
+    # Without the file, assume checkpoint N is the N-th full log, as batch_rl numbers them.
+    add_count = int(_load_small(path)) if path.is_file() else checkpoint * n + n - 1
+    if add_count % n == n - 1:
+        return _CheckpointOrder(n - 1 if add_count >= 2 * n - 1 else None, n - 1, add_count)
+    if add_count < n:  # log_final_buffer stores the cursor as add_count
+        return _CheckpointOrder(n - 1 if checkpoint >= 1 else None, add_count, None)
+    raise DatasetError(f"{path}: add_count {add_count} fits neither a full nor a final log of a {n}-row buffer")
+
+
+def _read_checkpoint(src: Path, checkpoint: int, frame_spec: Optional[tuple]) -> Tuple[Dict[str, np.ndarray], _NpyRows]:
+    """The checkpoint's action/reward/terminal arrays and its open observation stream, checked."""
     small = {key: _load_small(_store_path(src, key, checkpoint)) for key in ("action", "reward", "terminal")}
     observations = _NpyRows(_store_path(src, "observation", checkpoint))
-    try:
-        n = observations.shape[0]
-        spec = (tuple(observations.shape[1:]), observations.dtype)
-        if frame_spec is not None and spec != frame_spec:
-            raise DatasetError(f"{observations.path}: frames of shape {spec[0]} {spec[1]}, earlier "
-                               f"checkpoints had {frame_spec[0]} {frame_spec[1]}")
-        for key, array in small.items():
-            if array.shape != (n,):
-                raise DatasetError(f"{_store_path(src, key, checkpoint)}: shape {array.shape}, "
-                                   f"the observations have {n} rows")
-        actions = small["action"].astype(np.int64)
-        if n and (actions.min() < 0 or actions.max() >= num_actions):
-            raise DatasetError(f"{_store_path(src, 'action', checkpoint)}: actions outside [0, {num_actions})")
-        rewards, terminals = small["reward"].astype(np.float64), small["terminal"] != 0
-        for lo in range(0, n, chunk_rows):
-            frames = observations.read(min(chunk_rows, n - lo))
-            for j, frame in enumerate(frames):
-                i = lo + j
-                convert.row(frame, int(actions[i]), float(rewards[i]), bool(terminals[i]),
-                            f"{observations.path} row {i}")
-    finally:
+    n, spec = observations.shape[0], (tuple(observations.shape[1:]), observations.dtype)
+    problem = None
+    if frame_spec is not None and spec != frame_spec:
+        problem = (observations.path, f"frames of shape {spec[0]} {spec[1]}, earlier checkpoints had "
+                                      f"{frame_spec[0]} {frame_spec[1]}")
+    for key, array in small.items():
+        if problem is None and array.shape != (n,):
+            problem = (_store_path(src, key, checkpoint), f"shape {array.shape}, the observations have {n} rows")
+    if problem is not None:
         observations.close()
-    return spec, n
+        raise DatasetError(f"{problem[0]}: {problem[1]}")
+    return small, observations
+
+
+def _import_checkpoint(src: Path, checkpoint: int, convert: _DopamineEpisodes, order: _CheckpointOrder,
+                       small: Dict[str, np.ndarray], observations: _NpyRows, num_actions: int,
+                       chunk_rows: int) -> int:
+    """Feeds one checkpoint's rows in chronological order; returns how many were read."""
+    head = [order.head] if order.head is not None else []
+    actions = small["action"].astype(np.int64)
+    used = np.concatenate([actions[head], actions[:order.body]])  # never the unwritten rows
+    if len(used) and (used.min() < 0 or used.max() >= num_actions):
+        raise DatasetError(f"{_store_path(src, 'action', checkpoint)}: actions outside [0, {num_actions})")
+    rewards, terminals = small["reward"].astype(np.float64), small["terminal"] != 0
+
+    def feed(frame, i):
+        convert.row(frame, int(actions[i]), float(rewards[i]), bool(terminals[i]), f"{observations.path} row {i}")
+
+    if order.head is not None:
+        # Skipping rows needs only their terminal flags: spare the extra decompression.
+        frame = _last_row(observations.path, chunk_rows) if convert.needs_frames else None
+        feed(frame, order.head)
+    i = 0
+    for frames in observations.chunks(order.body, chunk_rows):
+        for frame in frames:
+            feed(frame, i)
+            i += 1
+    return order.body + (order.head is not None)
 
 
 def import_dqn_replay(src_dir: Union[str, Path], dst_dir: Union[str, Path], checkpoints: Optional[List[int]] = None,
-                      env_id: str = "Pong", *, num_actions: Optional[int] = None,
+                      env_id: str = "Pong", *, num_actions: Optional[int] = None, layout: str = "logged",
                       shard_size: int = DEFAULT_SHARD_SIZE, chunk_rows: int = 10_000,
                       compress: bool = True) -> Dict[str, Any]:
     """Converts Dopamine replay logs of one game/run (`$store$_*_ckpt.N.gz`) into a dataset
-    (atari, `env_id`, preset dopamine, frame_stack 4), one checkpoint at a time.
+    (atari, `env_id`, preset dopamine, frame_stack 4), one checkpoint at a time; returns
+    the provenance record also stored as `source` in meta.json.
+
+    `layout="logged"` reads checkpoints as batch_rl's logger wrote the DQN Replay Dataset
+    (see the comment above; `add_count_ckpt.N.gz` is used when present);
+    `"chronological"` takes rows 0..n-1 as they are. Consecutive checkpoints continue each
+    other's episodes; a checkpoint that does not continue the previous imported one starts
+    at its first episode start (earlier rows are skipped), and an episode whose successor
+    checkpoint is not imported is cut at its last observation (its last step is dropped).
+    Rewards are stored as logged, i.e. clipped to [-1, 1] by Dopamine's runner
+    (`rewards_clipped: true`); `terminal == 1` (game over or Dopamine's episode cap)
+    becomes a terminal. `num_actions` defaults to the env's minimal action set (needs ale-py).
 
     Memory: a checkpoint's action, reward and terminal arrays whole (~9 MB for 1M steps),
     `chunk_rows` observation frames (70 MB at 10k 84x84 frames), and the writer's open
-    shard (`shard_size` frames: 0.7 GB at 100k). Consecutive checkpoints continue each
-    other's episodes; a checkpoint whose predecessor is not imported starts at its first
-    episode start (earlier rows are skipped), and an episode whose successor checkpoint
-    is not imported is cut at its last observation (its last step is dropped). Rewards
-    are stored as logged, i.e. clipped to [-1, 1] by Dopamine's runner
-    (`rewards_clipped: true`); `terminal == 1` (game over or Dopamine's episode cap)
-    becomes a terminal. `num_actions` defaults to the env's minimal action set (needs ale-py).
+    shard (`shard_size` frames: 0.7 GB at 100k). A checkpoint that continues the previous
+    one is decompressed twice (once for its out-of-order row cap-1).
     """
+    if layout not in DQN_REPLAY_LAYOUTS:
+        raise DatasetError(f"layout: unknown value {layout!r} (valid: {', '.join(DQN_REPLAY_LAYOUTS)})")
     src = Path(src_dir)
     if not dqn_replay_checkpoints(src) and dqn_replay_checkpoints(src / "replay_logs"):
         src = src / "replay_logs"
-    available = dqn_replay_checkpoints(src)
-    checkpoints = sorted(set(available if checkpoints is None else checkpoints))
+    checkpoints = sorted(set(dqn_replay_checkpoints(src) if checkpoints is None else checkpoints))
     if not checkpoints:
         raise DatasetError(f"{src}: no Dopamine replay checkpoints ($store$_observation_ckpt.N.gz and friends)")
     for checkpoint in checkpoints:
@@ -1064,30 +1136,46 @@ def import_dqn_replay(src_dir: Union[str, Path], dst_dir: Union[str, Path], chec
                 raise DatasetError(f"{_store_path(src, key, checkpoint)}: missing (checkpoint {checkpoint})")
     env = {"kind": "atari", "id": env_id, "preset": "dopamine"}
     if num_actions is None:
-        from envs.factory import env_spec
         from types import SimpleNamespace
+
+        from envs.factory import env_spec
         num_actions = env_spec(SimpleNamespace(**env, max_episode_frames=108_000)).num_actions
     first = _NpyRows(_store_path(src, "observation", checkpoints[0]))
     frame_spec = (tuple(first.shape[1:]), first.dtype)
     first.close()
     source = {"kind": "dqn-replay", "reference": "Agarwal, Schuurmans & Norouzi 2020 (Dopamine replay logs)",
-              "src": str(src), "checkpoints": checkpoints,
+              "src": str(src), "checkpoints": checkpoints, "layout": layout,
               "final_frames": "zero: Dopamine does not log the observation after an episode's last step"}
     writer = DatasetWriter(dst_dir, env=env, frame_shape=frame_spec[0], frame_dtype=frame_spec[1],
                            frame_stack=DQN_REPLAY_STACK, num_actions=num_actions,
                            agent={"name": "Dopamine DQN (DQN Replay Dataset)"}, shard_size=shard_size,
                            compress=compress, rewards_clipped=True, source=source)
     convert = _DopamineEpisodes(writer, frame_spec[0], frame_spec[1], DQN_REPLAY_STACK)
-    rows, previous = 0, None
+    rows, previous = 0, None  # previous: (checkpoint, order) of the last imported one
     for checkpoint in checkpoints:
-        if previous is not None and checkpoint != previous + 1:
-            convert.cut()
-        if previous is None and checkpoint == 0:
-            convert.expect_episode_start()  # the logged buffer started empty, with padding
-        rows += _import_checkpoint(src, checkpoint, convert, num_actions, chunk_rows, frame_spec)[1]
-        previous = checkpoint
+        small, observations = _read_checkpoint(src, checkpoint, frame_spec)
+        try:
+            order = _checkpoint_order(src, checkpoint, observations.shape[0], layout)
+            if previous is None and checkpoint == 0:
+                convert.expect_episode_start()  # the logged buffer started empty, with padding
+            elif previous is None or not _continues(previous, checkpoint, order, observations.shape[0]):
+                convert.cut()
+            rows += _import_checkpoint(src, checkpoint, convert, order, small, observations, num_actions,
+                                       chunk_rows)
+        finally:
+            observations.close()
+        previous = (checkpoint, order)
     convert.cut()
     source.update(rows_read=rows, skipped_rows=convert.skipped_rows, cut_steps=convert.cut_steps)
     writer.set_source(source)  # the counts are known only now; close() writes them
     writer.close()
     return source
+
+
+def _continues(previous: Tuple[int, _CheckpointOrder], checkpoint: int, order: _CheckpointOrder, n: int) -> bool:
+    """Whether `checkpoint` starts with the row that followed the previous imported one's last."""
+    number, before = previous
+    if checkpoint != number + 1:
+        return False
+    # A skipped log (the cursor can pass cap-1 inside Dopamine's padding adds) shows in add_count.
+    return before.add_count is None or order.add_count is None or order.add_count == before.add_count + n

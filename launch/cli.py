@@ -38,6 +38,9 @@ def _load(config_path: str, overrides: List[str]):
     kind = resolve_network(config.agent, config.env.kind)
     spectral_norm.resolve_layers(config.agent.spectral_norm.layers,
                                  layer_names(kind, config.agent.hidden_sizes))
+    if config.regime.mode != "online":  # a dataset of another env is refused up front
+        from agents.dataset import DatasetReader
+        DatasetReader(config.regime.dataset, verify="none").check_env(config.env)
     return config
 
 
@@ -211,6 +214,43 @@ def cmd_plot(args) -> int:
     written = plot_runs([Path(r) for r in args.run_dirs], Path(args.out) if args.out else None)
     for path in written:
         print(path)
+    for figure, reason in getattr(written, "skipped", {}).items():
+        print(f"skipped {figure}: {reason}")
+    return 0
+
+
+def cmd_dataset_info(args) -> int:
+    from agents.dataset import DatasetReader
+    info = DatasetReader(args.path, verify="open").info()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    env = info.get("env", {})
+    returns = info.get("returns", {})
+    print(f"dataset   {args.path}")
+    preset = f" (preset {env.get('preset')})" if env.get('kind') == 'atari' else ''
+    print(f"env       {env.get('kind')} {env.get('id')}{preset}")
+    print(f"size      {info['size_bytes'] / 2**20:.1f} MiB in {info.get('shards', '?')} shard(s)")
+    print(f"contents  {info['transitions']} transitions, {info['episodes']} episodes "
+          f"({info.get('complete_episodes', '?')} complete)")
+    if returns.get("count"):
+        print(f"returns   mean {returns['mean']:.2f}  std {returns['std']:.2f}  "
+              f"min {returns['min']:.2f}  max {returns['max']:.2f}  (complete episodes)")
+    return 0
+
+
+def cmd_dataset_import(args) -> int:
+    from agents.dataset import import_dqn_replay
+    checkpoints = None
+    if args.checkpoints:
+        try:
+            checkpoints = [int(c) for c in args.checkpoints.split(",")]
+        except ValueError:
+            raise UsageError(f"--checkpoints {args.checkpoints!r}: expected comma-separated integers, e.g. 0,1,2")
+    if not Path(args.src).is_dir():
+        raise UsageError(f"{args.src}: not a directory of DQN Replay checkpoint files")
+    result = import_dqn_replay(args.src, args.dst, checkpoints, env_id=args.game)
+    print(json.dumps(result))
     return 0
 
 
@@ -269,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--start-step", type=int, default=0, help="env steps this actor already did (resume)")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("dataset", help="offline datasets: info, import of the DQN Replay Dataset",
+                       description="Inspect or import offline-RL datasets (docs/dataset_format.md).")
+    dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="SUBCOMMAND")
+    d = dsub.add_parser("info", help="size, episodes, return statistics and env of a dataset",
+                        description="Print a dataset's size, episodes, return statistics and env.")
+    d.add_argument("path")
+    d.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    d.set_defaults(func=cmd_dataset_info)
+    d = dsub.add_parser("import-dqn-replay", help="convert DQN Replay Dataset logs (Agarwal et al. 2020)",
+                        description="Stream Dopamine replay logs ($store$_*_ckpt.N.gz) of one game "
+                                    "and run into an eosrl dataset, one checkpoint at a time.")
+    d.add_argument("src", help="directory with $store$_observation_ckpt.N.gz etc. (one game, one run)")
+    d.add_argument("dst", help="output dataset directory")
+    d.add_argument("--checkpoints", help="comma-separated checkpoint numbers (default: all found)")
+    d.add_argument("--game", default="Pong", help="Atari game the logs belong to (default Pong)")
+    d.set_defaults(func=cmd_dataset_import)
+
     p = sub.add_parser("evaluate", help="evaluate a run's latest checkpoint or a checkpoint file",
                        description="Evaluate a checkpoint; prints one JSON line and appends an "
                                    "`eval` record to the run's metrics.")
@@ -291,9 +348,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from agents.config import ConfigError
     from agents.checkpoint import CheckpointError
     from envs.factory import EnvError
+    from agents.dataset import DatasetError
     try:
         return args.func(args)
-    except (UsageError, ConfigError, EnvError, CheckpointError, FileNotFoundError, ConnectionError) as e:
+    except (UsageError, ConfigError, EnvError, CheckpointError, FileNotFoundError, ConnectionError,
+            DatasetError) as e:
         return _fail(str(e))
 
 

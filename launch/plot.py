@@ -13,7 +13,6 @@ a warning naming the file and line.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -23,6 +22,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
+
+from launch import rundir  # noqa: E402
 
 Record = Dict[str, object]
 
@@ -40,23 +41,7 @@ class Plots(list):
 
 
 def read_metrics(path: Path) -> List[Record]:
-    """Every well-formed record of a metrics.jsonl; others are warned about and skipped."""
-    records: List[Record] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                # A run killed mid-write leaves a truncated last line; say where.
-                warnings.warn(f"{path}:{lineno}: skipped malformed line ({e.msg})")
-                continue
-            if not isinstance(record, dict) or "kind" not in record or "step" not in record:
-                warnings.warn(f"{path}:{lineno}: skipped line without 'kind' and 'step'")
-                continue
-            records.append(record)
-    return records
+    return list(rundir.read_metrics(path))
 
 
 def _number(value) -> Optional[float]:

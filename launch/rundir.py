@@ -113,15 +113,20 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path, kind: Optional[str] = None) -> Iterator[Dict[str, Any]]:
-    """Records of metrics.jsonl (optionally of one kind); a torn last line is skipped."""
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+    """Records of metrics.jsonl (optionally of one kind). A malformed line (a run
+    killed mid-write leaves a torn last line) is skipped with a warning naming it."""
+    import warnings
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as e:
+                warnings.warn(f"{path}:{lineno}: skipped malformed line ({e.msg})")
+                continue
+            if not isinstance(record, dict) or "kind" not in record or "step" not in record:
+                warnings.warn(f"{path}:{lineno}: skipped line without 'kind' and 'step'")
                 continue
             if kind is None or record.get("kind") == kind:
                 yield record

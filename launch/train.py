@@ -61,18 +61,50 @@ def prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def load_dataset_into_replay(config: Config, adder: replay.TransitionAdder, num_actions: int) -> Dict[str, Any]:
+    """Inserts the regime's dataset (its subset, with its corruption) into replay."""
+    from agents import dataset
+    from agents.config import parse_subset
+    g = config.regime
+    reader = dataset.DatasetReader(g.dataset)
+    reader.check_env(config.env)
+    mode, count = parse_subset(g.subset)
+    selection = reader.select(mode, count, seed=config.run.seed)
+    corruption = None
+    if g.corruption > 0:
+        corruption = reader.corrupt(selection, g.corruption, g.corruption_field,
+                                    seed=config.run.seed, num_actions=num_actions)
+    life_loss = config.env.kind == "atari" and config.env.preset == "nature"
+    inserted = dataset.replay_into(reader, adder, selection=selection, corruption=corruption,
+                                   clip_rewards=config.env.clip_rewards, life_loss_terminal=life_loss)
+    adder.flush()
+    return {"dataset": g.dataset, "subset": g.subset, "corruption": g.corruption,
+            "corrupted": 0 if corruption is None else len(corruption.indices), **inserted}
+
+
 def train(config: Config, run_path: str | Path, resume: bool = False,
           progress: bool = True) -> Dict[str, Any]:
-    """Runs (or resumes) a single-process training run; returns the summary."""
+    """Runs (or resumes) a single-process run in any regime; returns the summary.
+
+    Online regimes are clocked by env steps (an update every `update_period`
+    steps once `min_size` items are in); the offline regime by learner
+    updates. Both share one learning step, so the learner cannot tell them apart.
+    """
     start_time = time.time()
     run_dir = RunDir(run_path).create()
     if not resume:
         save_config(config, run_dir.config)
     parts = Components(config)
-    agent, rcfg, run = config.agent, config.replay, config.run
+    agent, rcfg, run, regime = config.agent, config.replay, config.run, config.regime
+    offline = regime.mode == "offline"
 
+    capacity = rcfg.capacity
+    if regime.mode != "online":
+        from agents.dataset import DatasetReader
+        # The whole selected dataset must fit, or FIFO removal would drop its start.
+        capacity = max(capacity, DatasetReader(regime.dataset, verify="none").num_transitions)
     server = replay.start_server(
-        [replay.replay_table(rcfg.capacity, rcfg.min_size, parts.signature())],
+        [replay.replay_table(capacity, rcfg.min_size, parts.signature())],
         checkpoint_dir=str(run_dir.replay) if rcfg.checkpoint else None)
     client = reverb.Client(f"localhost:{server.port}")
     adder = replay.TransitionAdder(client, agent.n_step, agent.discount, parts.spec.frame_stack)
@@ -81,8 +113,13 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     if config.probe.enabled:
         from agents.probes import Prober  # compiles HVPs: only load when asked for
         prober = Prober(config.probe, learner)
+    recorder = None
+    if rcfg.record_to and not offline:
+        from agents.dataset import DatasetWriter
+        recorder = DatasetWriter.for_env(rcfg.record_to, config.env, resume=resume,
+                                         agent={"kind": agent.kind, "run": str(run_dir.path)})
     actor = Actor(make_env(config.env, run.seed, training=True), parts.network, agent, adder,
-                  seed=run.seed, clip_rewards=config.env.clip_rewards)
+                  seed=run.seed, clip_rewards=config.env.clip_rewards, recorder=recorder)
     evaluator = Evaluator(make_env(config.env, run.seed + 10_000, training=False), parts.network,
                           agent.epsilon_eval, seed=run.seed + 10_000)
     metrics = MetricsWriter(run_dir)
@@ -101,19 +138,25 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         probe_batch = extra.get("probe_batch")
         metrics.write("event", learner.step, env_steps=env_steps, event="resumed",
                       checkpoint=str(path), replay_size=replay.table_size(client))
+    if regime.mode != "online" and replay.table_size(client) == 0:
+        loaded = load_dataset_into_replay(config, adder, parts.spec.num_actions)
+        metrics.write("event", learner.step, env_steps=env_steps, event="dataset_loaded", **loaded)
     actor.update_params(*learner.acting_params())
 
     initial_size = replay.table_size(client)
-    learning = False
+    stream = None
     window: List[Dict[str, Any]] = []
-    last_log, last_eval, last_ckpt = env_steps, env_steps, env_steps
+    # The run's clock: env steps online, learner updates offline.
+    clock = (lambda: learner.step) if offline else (lambda: env_steps)
+    total = run.total_updates if offline else run.total_env_steps
+    last_log = last_eval = last_ckpt = clock()
     eval_result: Optional[Dict[str, float]] = None
     status = "completed"
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=run.total_env_steps, initial=env_steps, unit="step", dynamic_ncols=True)
-    tick, tick_steps = time.time(), env_steps
+        bar = tqdm(total=total, initial=clock(), unit="update" if offline else "step", dynamic_ncols=True)
+    tick, tick_clock = time.time(), clock()
 
     def save_checkpoint() -> Optional[Path]:
         if not all_finite(learner.state.params):
@@ -135,70 +178,90 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         metrics.write("eval", learner.step, env_steps=env_steps, **result)
         return result
 
+    def learn() -> None:
+        """One learner update (and a probe when due)."""
+        nonlocal stream, probe_batch
+        if stream is None:
+            adder.flush()  # the server must hold min_size items before sampling starts
+            stream = replay.batch_stream(f"localhost:{server.port}", rcfg.batch_size)
+            if prober and config.probe.batch == "fixed" and probe_batch is None:
+                probe_batch = replay.sample_items(client, config.probe.batch_size, parts.signature())
+        window.append(learner.update(next(stream)))
+        actor.update_params(*learner.acting_params())
+        if prober and prober.should_probe(learner.step):
+            if config.probe.batch == "fresh":
+                probe_batch = replay.sample_items(client, config.probe.batch_size, parts.signature())
+            record = prober.probe(learner.preprocess(probe_batch))
+            metrics.write("probe", learner.step, env_steps=env_steps,
+                          **{k: v for k, v in record.items() if k not in ("kind", "step")})
+
+    def log() -> bool:
+        """Writes a `train` record; False when the loss went non-finite."""
+        nonlocal window, tick, tick_clock
+        now = time.time()
+        rate = (clock() - tick_clock) / max(now - tick, 1e-9)
+        tick, tick_clock = now, clock()
+        values: Dict[str, Any] = {"env_steps": env_steps, "episodes": episodes,
+                                  ("updates_per_second" if offline else "env_steps_per_second"): rate}
+        if not offline:
+            values["epsilon"] = actor.epsilon(env_steps)
+        recent = actor.stats.recent_return()
+        if recent is not None:
+            values["return"] = recent
+        finite = True
+        if window:
+            stacked = jax.device_get(window)
+            for key in stacked[0]:
+                values[key] = float(np.mean([m[key] for m in stacked]))
+            values["lr"] = learner.current_lr()
+            window = []
+            finite = math.isfinite(values["loss"])
+        metrics.write("train", learner.step, **values)
+        if not finite:
+            metrics.write("event", learner.step, env_steps=env_steps, event="divergence",
+                          reason="non-finite loss")
+        if bar is not None:
+            bar.set_postfix(rate=f"{rate:.0f}/s", ret=f"{recent:.1f}" if recent is not None else "-",
+                            upd=learner.step, refresh=False)
+        if recorder is not None:
+            recorder.note_progress(learner_step=learner.step, env_step=env_steps)
+        return finite
+
     try:
         with sigterm_as_interrupt():
-            while env_steps < run.total_env_steps:
-                if actor.step():
-                    episodes += 1
-                env_steps += 1
-                if not learning and initial_size + adder.items_written >= rcfg.min_size:
-                    adder.flush()  # the server must hold min_size items before sampling starts
-                    stream = replay.batch_stream(f"localhost:{server.port}", rcfg.batch_size)
-                    learning = True
-                    if prober and config.probe.batch == "fixed" and probe_batch is None:
-                        probe_batch = replay.sample_items(client, config.probe.batch_size, parts.signature())
-                if learning and env_steps % rcfg.update_period == 0:
-                    window.append(learner.update(next(stream)))
-                    actor.update_params(*learner.acting_params())
-                    if prober and prober.should_probe(learner.step):
-                        if config.probe.batch == "fresh":
-                            probe_batch = replay.sample_items(client, config.probe.batch_size, parts.signature())
-                        record = prober.probe(learner.preprocess(probe_batch))
-                        metrics.write("probe", learner.step, env_steps=env_steps,
-                                      **{k: v for k, v in record.items() if k not in ("kind", "step")})
-
-                if env_steps - last_log >= run.log_every or env_steps == run.total_env_steps:
-                    last_log = env_steps
-                    now = time.time()
-                    sps = (env_steps - tick_steps) / max(now - tick, 1e-9)
-                    tick, tick_steps = now, env_steps
-                    values: Dict[str, Any] = {"env_steps": env_steps, "episodes": episodes,
-                                              "epsilon": actor.epsilon(env_steps),
-                                              "env_steps_per_second": sps}
-                    recent = actor.stats.recent_return()
-                    if recent is not None:
-                        values["return"] = recent
-                    if window:
-                        stacked = jax.device_get(window)
-                        for key in stacked[0]:
-                            values[key] = float(np.mean([m[key] for m in stacked]))
-                        values["lr"] = learner.current_lr()
-                        window = []
-                        if not math.isfinite(values["loss"]):
-                            metrics.write("train", learner.step, **values)
-                            metrics.write("event", learner.step, env_steps=env_steps,
-                                          event="divergence", reason="non-finite loss")
-                            status = "diverged"
-                            break
-                    metrics.write("train", learner.step, **values)
-                    if bar is not None:
-                        bar.set_postfix(sps=f"{sps:.0f}", ret=f"{recent:.1f}" if recent is not None else "-",
-                                        upd=learner.step, refresh=False)
-                if bar is not None and env_steps % 100 == 0:
-                    bar.update(env_steps - bar.n)
-                if run.eval_every and env_steps - last_eval >= run.eval_every:
-                    last_eval = env_steps
+            while clock() < total:
+                if offline:
+                    learn()
+                else:
+                    if actor.step():
+                        episodes += 1
+                    env_steps += 1
+                    ready = stream is not None or initial_size + adder.items_written >= rcfg.min_size
+                    if ready and env_steps % rcfg.update_period == 0:
+                        learn()
+                now = clock()
+                if (now - last_log >= run.log_every or now == total):
+                    last_log = now
+                    if not log():
+                        status = "diverged"
+                        break
+                if bar is not None and now % 100 == 0:
+                    bar.update(now - bar.n)
+                if run.eval_every and now - last_eval >= run.eval_every:
+                    last_eval = now
                     eval_result = run_eval()
-                if env_steps - last_ckpt >= run.checkpoint_every:
-                    last_ckpt = env_steps
+                if now - last_ckpt >= run.checkpoint_every:
+                    last_ckpt = now
                     save_checkpoint()
     except KeyboardInterrupt:
         status = "interrupted"
         metrics.write("event", learner.step, env_steps=env_steps, event="interrupted")
     finally:
         if bar is not None:
-            bar.update(env_steps - bar.n)
+            bar.update(clock() - bar.n)
             bar.close()
+        if recorder is not None:
+            recorder.close()
 
     if status == "completed":
         eval_result = run_eval()
@@ -207,6 +270,7 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     summary = {
         "status": status,
         "run_dir": str(run_dir.path),
+        "regime": regime.mode,
         "env_steps": env_steps,
         "learner_updates": learner.step,
         "episodes": episodes,
@@ -215,9 +279,10 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         "checkpoint": str(checkpoint_path) if checkpoint_path else None,
         "wall_seconds": round(wall, 1),
     }
+    if recorder is not None:
+        summary["dataset"] = rcfg.record_to
     metrics.write("event", learner.step, event="finished", **summary)
     metrics.close()
     adder.close()
     server.stop()
     return summary
-

@@ -301,14 +301,14 @@ def _check_imported(got, want, complete=True):
     assert got.terminals.tolist() == [complete and t == length - 1 for t in range(length)]
 
 
-def test_import_dqn_replay_round_trip(tmp_path):
+def test_import_dqn_replay_chronological_round_trip(tmp_path):
     rng = np.random.default_rng(4)
     # Checkpoints hold rows 0-249 and 250-499: episode 1 (rows 203-385) spans both, and
     # episode 2 (rows 386-) is still running when the logs end: 111 steps, no terminal.
     logs = tmp_path / "logs"
     episodes = _dopamine_logs(logs, [200, 180, 120], ckpt_size=250, rows=500, rng=rng)
     summary = import_dqn_replay(logs, tmp_path / "pong", None, "Pong", num_actions=6,
-                                shard_size=128, chunk_rows=100)
+                                layout="chronological", shard_size=128, chunk_rows=100)
     assert summary["checkpoints"] == [0, 1] and summary["skipped_rows"] == 0 and summary["cut_steps"] == 1
     reader = DatasetReader(tmp_path / "pong", verify="open")
     reader.check_env(EnvConfig(kind="atari", id="Pong", preset="dopamine"))
@@ -325,7 +325,7 @@ def test_import_dqn_replay_round_trip(tmp_path):
     assert info["returns"]["mean"] == pytest.approx(np.mean([e[2].sum() for e in episodes[:2]]))
 
     # Checkpoint 1 alone: the episode begun in checkpoint 0 is skipped up to its terminal.
-    summary = import_dqn_replay(logs, tmp_path / "tail", [1], "Pong", num_actions=6)
+    summary = import_dqn_replay(logs, tmp_path / "tail", [1], "Pong", num_actions=6, layout="chronological")
     assert summary["skipped_rows"] == 3 + 200 + 3 + 180 - 250
     got = list(DatasetReader(tmp_path / "tail").iter_episodes())
     assert len(got) == 1
@@ -334,3 +334,73 @@ def test_import_dqn_replay_round_trip(tmp_path):
     (logs / "$store$_reward_ckpt.1.gz").unlink()
     with pytest.raises(DatasetError, match=r"\$store\$_reward_ckpt\.1\.gz: missing \(checkpoint 1\)"):
         import_dqn_replay(logs, tmp_path / "none", [0, 1], "Pong", num_actions=6)
+
+
+class _LoggedBuffer:
+    """Dopamine's circular replay buffer (zero padding before each episode) with batch_rl's
+    logger: saved whenever add_count % cap == cap - 1, and once more at the end with the
+    cursor as add_count, the way the DQN Replay Dataset was written."""
+
+    def __init__(self, directory, cap):
+        directory.mkdir()
+        self.directory, self.cap, self.add_count, self.log_count = directory, cap, 0, 0
+        # Never-written rows hold junk (Dopamine allocates with np.empty).
+        self.store = {"observation": np.full((cap, 84, 84), 7, np.uint8), "action": np.full(cap, 99, np.int32),
+                      "reward": np.full(cap, 5, np.float32), "terminal": np.ones(cap, np.uint8)}
+
+    def _add(self, frame, action, reward, terminal):
+        i = self.add_count % self.cap
+        for key, value in zip(self.store, (frame, action, reward, terminal)):
+            self.store[key][i] = value
+        self.add_count += 1
+
+    def add(self, frame, action, reward, terminal):
+        if self.add_count == 0 or self.store["terminal"][(self.add_count - 1) % self.cap]:
+            for _ in range(3):
+                self._add(0, 0, 0, 0)
+        self._add(frame, action, reward, terminal)
+        if self.add_count % self.cap == self.cap - 1:
+            self._log(self.add_count)
+
+    def _log(self, add_count):
+        for key, array in self.store.items():
+            _save_gz(self.directory / f"$store$_{key}_ckpt.{self.log_count}.gz", array)
+        _save_gz(self.directory / f"add_count_ckpt.{self.log_count}.gz", np.array(add_count))
+        self.log_count += 1
+
+    def log_final_buffer(self):
+        self._log(self.add_count % self.cap)
+
+
+def test_import_dqn_replay_as_batch_rl_logged_it(tmp_path):
+    rng = np.random.default_rng(5)
+    logs = _LoggedBuffer(tmp_path / "logs", cap=250)
+    episodes = []
+    # Adds: episode 0 at 0-202, 1 at 203-385, 2 at 386-538, 3 at 539-641 (100 of its 120
+    # steps); logs after 249 and 499 adds, and a final one with cursor 142.
+    for length, logged in [(200, 200), (180, 180), (150, 150), (120, 100)]:
+        frames = rng.integers(1, 256, (length, 84, 84), dtype=np.uint8)
+        actions, rewards = rng.integers(0, 6, length), rng.choice([-1.0, 0.0, 1.0], length)
+        episodes.append((frames, actions, rewards))
+        for t in range(logged):
+            logs.add(frames[t], actions[t], rewards[t], t == length - 1)
+    logs.log_final_buffer()
+    assert logs.log_count == 3
+
+    summary = import_dqn_replay(logs.directory, tmp_path / "all", None, "Pong", num_actions=6, chunk_rows=64)
+    assert (summary["rows_read"], summary["skipped_rows"], summary["cut_steps"]) == (642, 0, 1)
+    got = list(DatasetReader(tmp_path / "all").iter_episodes())
+    assert len(got) == 4
+    for g, w in zip(got[:3], episodes):  # episodes 1 and 2 span checkpoints
+        _check_imported(g, w)
+    _check_imported(got[3], episodes[3], complete=False)
+    assert got[3].length == 99
+
+    # Checkpoints 0 and 2: episode 1 is cut where checkpoint 0 ends (adds 206-248: 43
+    # observations, 42 steps); checkpoint 2 is skipped up to episode 2's terminal.
+    summary = import_dqn_replay(logs.directory, tmp_path / "gap", [0, 2], "Pong", num_actions=6)
+    assert summary["skipped_rows"] == 539 - 499 and summary["cut_steps"] == 2
+    got = list(DatasetReader(tmp_path / "gap").iter_episodes())
+    assert [g.length for g in got] == [200, 42, 99]
+    _check_imported(got[1], episodes[1], complete=False)
+    _check_imported(got[2], episodes[3], complete=False)
