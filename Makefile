@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys, platform; ok = (3, 9) <= sys.version_info[:2] <= (3, 11) and platform.machine() == "x86_64"; sys.exit(0 if ok else "error: $(PYTHON) is Python %d.%d on %s; dm-reverb 0.14 needs CPython 3.9-3.11 on x86-64 Linux" % (sys.version_info[0], sys.version_info[1], platform.machine()))'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade "pip<25" setuptools wheel
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e .
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[ray]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -26,13 +26,13 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gymnasium
 import numpy as np
 from gymnasium import spaces
+from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformObservation
 
 if TYPE_CHECKING:
     from agents.config import EnvConfig
@@ -164,91 +164,6 @@ def validate_env_config(config: EnvConfig) -> None:
 # Wrappers.
 
 
-def _area_weights(src: int, dst: int) -> np.ndarray:
-    """(dst, src) matrix averaging source pixels by their overlap with each output pixel.
-
-    This is OpenCV's INTER_AREA (what Dopamine and gymnasium's AtariPreprocessing resize
-    with), written in numpy because opencv is not a dependency of eosrl.
-    """
-    edges = np.arange(dst + 1) * (src / dst)
-    left, right = np.arange(src), np.arange(src) + 1
-    overlap = np.minimum(edges[1:, None], right) - np.maximum(edges[:-1, None], left)
-    return (np.clip(overlap, 0.0, None) / (src / dst)).astype(np.float32)
-
-
-class _AtariPreprocessing(gymnasium.Wrapper):
-    """Noop starts, frame skip with max-pooling of the last two frames, and area resize.
-
-    The same steps as `gymnasium.wrappers.AtariPreprocessing` (Machado et al. 2018),
-    which needs opencv; the wrapped env must emit grayscale frames with frameskip=1.
-    Unlike that wrapper, an episode that ends inside the skip pools only frames of this
-    step, and noop starts that end an episode reset without reseeding.
-    """
-
-    def __init__(self, env: gymnasium.Env, noop_max: int, frame_skip: int, size: int):
-        super().__init__(env)
-        if noop_max > 0 and env.unwrapped.get_action_meanings()[0] != "NOOP":
-            raise EnvError("env.preset: noop starts need action 0 to be NOOP in this game")
-        self._noop_max = noop_max
-        self._frame_skip = frame_skip
-        height, width = env.observation_space.shape
-        self._rows = _area_weights(height, size)
-        self._cols = _area_weights(width, size).T
-        self.observation_space = spaces.Box(0, 255, (size, size), np.uint8)
-
-    def _resize(self, frame: np.ndarray) -> np.ndarray:
-        small = self._rows @ frame.astype(np.float32) @ self._cols
-        return np.clip(np.rint(small), 0, 255).astype(np.uint8)
-
-    def reset(self, *, seed=None, options=None):
-        frame, info = self.env.reset(seed=seed, options=options)
-        noops = self.env.unwrapped.np_random.integers(1, self._noop_max + 1) if self._noop_max else 0
-        for _ in range(noops):
-            frame, _, terminated, truncated, step_info = self.env.step(0)
-            info = {**info, **step_info}
-            if terminated or truncated:
-                frame, info = self.env.reset(options=options)
-        return self._resize(frame), info
-
-    def step(self, action):
-        total_reward, last_frames = 0.0, []
-        for t in range(self._frame_skip):
-            frame, reward, terminated, truncated, info = self.env.step(action)
-            total_reward += reward
-            # Atari sprites flicker between frames; the max of the last two shows them all.
-            if t >= self._frame_skip - 2 or terminated or truncated:
-                last_frames.append(frame)
-            if terminated or truncated:
-                break
-        pooled = np.maximum.reduce(last_frames[-2:])
-        return self._resize(pooled), total_reward, terminated, truncated, info
-
-
-class _FrameStack(gymnasium.Wrapper):
-    """Stacks the last `n` frames on the LAST axis; at reset, the first frame n times."""
-
-    def __init__(self, env: gymnasium.Env, n: int):
-        super().__init__(env)
-        self._frames = deque(maxlen=n)
-        space = env.observation_space
-        self.observation_space = spaces.Box(
-            np.repeat(space.low[..., None], n, -1), np.repeat(space.high[..., None], n, -1),
-            space.shape + (n,), space.dtype)
-
-    def _obs(self) -> np.ndarray:
-        return np.stack(self._frames, axis=-1)
-
-    def reset(self, *, seed=None, options=None):
-        frame, info = self.env.reset(seed=seed, options=options)
-        self._frames.extend([frame] * self._frames.maxlen)
-        return self._obs(), info
-
-    def step(self, action):
-        frame, reward, terminated, truncated, info = self.env.step(action)
-        self._frames.append(frame)
-        return self._obs(), reward, terminated, truncated, info
-
-
 class _LifeLoss(gymnasium.Wrapper):
     """Sets `info["life_loss"]` on every reset and step; True only when tracking lives.
 
@@ -314,17 +229,20 @@ def _make_atari(config: EnvConfig, training: bool, render_mode: str | None) -> g
     nature = config.preset == "nature"
     env = gymnasium.make(
         atari_games()[rom],
-        obs_type="grayscale",  # ALE's own luminance palette, as Dopamine reads it
-        frameskip=1,
+        frameskip=1,  # AtariPreprocessing skips frames itself, max-pooling the last two
         repeat_action_probability=0.0 if nature else 0.25,
         full_action_space=False,
         max_num_frames_per_episode=config.max_episode_frames,
         render_mode=render_mode,
     )
-    env = _AtariPreprocessing(env, noop_max=30 if nature else 0,
-                              frame_skip=ATARI_FRAME_SKIP, size=ATARI_FRAME_SIZE)
+    env = AtariPreprocessing(env, noop_max=30 if nature else 0, frame_skip=ATARI_FRAME_SKIP,
+                             screen_size=ATARI_FRAME_SIZE, terminal_on_life_loss=False,
+                             grayscale_obs=True, scale_obs=False)
     env = _LifeLoss(env, track=nature and training)
-    return _FrameStack(env, ATARI_FRAME_STACK)
+    # The reset frame repeated fills the first stack; the stack goes last, as the networks expect.
+    env = FrameStackObservation(env, ATARI_FRAME_STACK, padding_type="reset")
+    stacked = spaces.Box(0, 255, (ATARI_FRAME_SIZE, ATARI_FRAME_SIZE, ATARI_FRAME_STACK), np.uint8)
+    return TransformObservation(env, lambda obs: np.moveaxis(np.asarray(obs), 0, -1), stacked)
 
 
 def _import_minatar_gym():

@@ -171,3 +171,19 @@ def _template():
     from agents.learner import LearnerState  # noqa: F401
     learner = Components(load_config(CONFIGS / "dqn_cartpole.yaml")).learner()
     return {"learner": learner.state, "extra": {}}
+
+
+def test_ray_launcher_runs_a_short_job(tmp_path):
+    pytest.importorskip("ray", reason="Ray is the optional [ray] extra; `make test` installs it")
+    run_dir = tmp_path / "ray"
+    result = subprocess.run(
+        _eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--launcher", "ray", "--actors", "1",
+               "--run-dir", str(run_dir), "--no-progress", "--set", "run.total_env_steps=1500",
+               "--set", "replay.min_size=500", "--set", "run.eval_every=500", "--set", "run.eval_episodes=2",
+               "--set", "run.log_every=250"),
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    train = list(read_metrics(run_dir / "metrics.jsonl", "train"))
+    assert train and train[-1]["step"] == 1000
+    assert list(read_metrics(run_dir / "metrics.jsonl", "actor"))
+    assert _has_checkpoint(run_dir)
