@@ -6,6 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 TRAIN_CONFIG ?= configs/dqn_minatar_breakout.yaml
 TRAIN_STEPS ?= 60000
+TRAIN_ACTORS ?= 2
 
 .PHONY: install test train clean
 
@@ -22,9 +23,11 @@ install: $(STAMP)
 test: install
 	$(VENV)/bin/python -m pytest -q
 
+# The default experiment, distributed: replay server, 2 actors, learner and evaluator as
+# processes, with a budget that finishes in about five minutes on 2 cores.
 train: install
-	$(VENV)/bin/eosrl train $(TRAIN_CONFIG) --overwrite --set run.total_env_steps=$(TRAIN_STEPS) \
-	  --set run.eval_every=20000 --set run.checkpoint_every=20000
+	$(VENV)/bin/eosrl launch $(TRAIN_CONFIG) --actors $(TRAIN_ACTORS) --overwrite \
+	  --set run.total_env_steps=$(TRAIN_STEPS) --set run.eval_every=10000 --set run.checkpoint_every=10000
 
 clean:
 	rm -rf $(VENV) runs
