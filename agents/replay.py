@@ -141,8 +141,10 @@ class TransitionAdder:
             "next_obs": history["frame"][self._stack_rows(end)],
         })
         self.items_written += 1
-        if self._max_in_flight is not None:
-            self._wait(self._max_in_flight)
+        # Waiting on every item would cost a server round trip per env step; every
+        # half-window keeps at most max_in_flight items unconfirmed all the same.
+        if self._max_in_flight is not None and self.items_written % max(1, self._max_in_flight // 2) == 0:
+            self._wait(self._max_in_flight // 2)
 
     def _wait(self, block_until_num_items: int) -> None:
         """Waits for the server in short slices, so a SIGTERM handler gets to run
@@ -204,14 +206,17 @@ def item_to_transition(frame_stack: int):
 
 
 def batch_stream(address: str, batch_size: int, table: str = REPLAY_TABLE,
-                 prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
-    """Batches of items from a prefetching Reverb dataset (sampling runs in background threads)."""
+                 prefetch: int = 2, rate_limiter_timeout_ms: int = -1) -> DevicePrefetch:
+    """Batches of items from a prefetching Reverb dataset (sampling runs in background
+    threads), put on the device ahead of use. With a timeout, the stream ends when the
+    rate limiter has held sampling back that long."""
     dataset = reverb.TrajectoryDataset.from_table_signature(
         server_address=address, table=table,
-        max_in_flight_samples_per_worker=2 * batch_size)
+        max_in_flight_samples_per_worker=2 * batch_size,
+        rate_limiter_timeout_ms=rate_limiter_timeout_ms)
     dataset = dataset.map(lambda sample: sample.data)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(prefetch)
-    return dataset.as_numpy_iterator()
+    return DevicePrefetch(dataset.as_numpy_iterator())
 
 
 def sample_items(client: reverb.Client, count: int, signature: Dict[str, Any],
@@ -221,6 +226,63 @@ def sample_items(client: reverb.Client, count: int, signature: Dict[str, Any],
     keys = sorted(signature)  # the flat order of a dict's leaves
     rows = [sample.data for sample in client.sample(table, num_samples=count, emit_timesteps=False)]
     return {key: np.stack([row[i] for row in rows]) for i, key in enumerate(keys)}
+
+
+class DevicePrefetch:
+    """Moves the next `size` batches to the device in a background thread, so the
+    host-side sampling and copying overlap the (asynchronously dispatched) update."""
+
+    def __init__(self, iterator: Iterator, size: int = 2):
+        import queue
+        import threading
+        self._queue: "queue.Queue" = queue.Queue(maxsize=size)
+        self._iterator = iterator
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> None:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        import jax
+        try:
+            for batch in self._iterator:
+                if self._stop.is_set():
+                    return
+                self._put(jax.device_put(batch))
+        except Exception as e:  # surfaced to the consumer instead of dying silently
+            self._put(e)
+            return
+        self._put(StopIteration())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, StopIteration):
+            raise StopIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (call before the server goes away)."""
+        import queue
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)
 
 
 def table_size(client: reverb.Client, table: str = REPLAY_TABLE) -> int:

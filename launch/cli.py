@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--game", default="Pong", help="Atari game the logs belong to (default Pong)")
     d.set_defaults(func=cmd_dataset_import)
 
+    from launch.study import add_study_parser
+    add_study_parser(sub)
+
     p = sub.add_parser("evaluate", help="evaluate a run's latest checkpoint or a checkpoint file",
                        description="Evaluate a checkpoint; prints one JSON line and appends an "
                                    "`eval` record to the run's metrics.")

@@ -149,7 +149,7 @@ def run_actor(config: Config, address: str, actor_id: int, num_actors: int,
     seed = config.run.seed + 1000 * (actor_id + 1) + start_step
     steps = steps if steps is not None else math.ceil(config.run.total_env_steps / num_actors)
     adder = replay.TransitionAdder(client, config.agent.n_step, config.agent.discount,
-                                   parts.spec.frame_stack, max_in_flight_items=8)
+                                   parts.spec.frame_stack, max_in_flight_items=64)
     actor = Actor(make_env(config.env, seed, training=True), parts.network, config.agent, adder,
                   seed=seed, clip_rewards=config.env.clip_rewards,
                   epsilon=actor_epsilon(config, actor_id, num_actors))
@@ -242,11 +242,7 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
     timeout_ms = 5000
 
     def new_stream():
-        dataset = reverb.TrajectoryDataset.from_table_signature(
-            address, replay.REPLAY_TABLE, max_in_flight_samples_per_worker=2 * rcfg.batch_size,
-            rate_limiter_timeout_ms=timeout_ms)
-        return dataset.map(lambda s: s.data).batch(rcfg.batch_size, drop_remainder=True) \
-                      .prefetch(2).as_numpy_iterator()
+        return replay.batch_stream(address, rcfg.batch_size, rate_limiter_timeout_ms=timeout_ms)
 
     def save() -> None:
         if not all_finite(learner.state.params):
@@ -276,6 +272,7 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
                 elif time.time() - last_change > max_idle_s:
                     status = "no_more_data"
                     break
+                stream.close()
                 stream = new_stream()
                 continue
             window.append(learner.update(batch))
@@ -305,6 +302,7 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
     except Stop:
         status = "interrupted"
     finally:
+        stream.close()
         channel.publish(*learner.acting_params(), learner.step)
         save()
         metrics.write("event", learner.step, event="learner_finished", status=status,

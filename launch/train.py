@@ -283,6 +283,8 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         summary["dataset"] = rcfg.record_to
     metrics.write("event", learner.step, event="finished", **summary)
     metrics.close()
+    if stream is not None:
+        stream.close()
     adder.close()
     server.stop()
     return summary
