@@ -44,6 +44,18 @@ def read_metrics(path: Path) -> List[Record]:
     return list(rundir.read_metrics(path))
 
 
+def _scale_axes(fig, ax, plotted: List[float]) -> bool:
+    """Log y when the values span decades, learner updates on x; False (and the
+    figure closed) when nothing was plotted."""
+    if not plotted:
+        plt.close(fig)
+        return False
+    if _spans_decades(plotted):
+        ax.set_yscale("log")
+    ax.set_xlabel("learner updates")
+    return True
+
+
 def _number(value) -> Optional[float]:
     """A float from a record field; None for missing or non-numeric values
     (the metrics writer stores non-finite floats as the strings "nan"/"inf")."""
@@ -118,12 +130,8 @@ def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
         if tx:
             ax.plot(tx, ty, color=color, ls="--", label=f"{name} threshold")
         plotted += y + ty
-    if not plotted:
-        plt.close(fig)
+    if not _scale_axes(fig, ax, plotted):
         return None
-    if _spans_decades(plotted):
-        ax.set_yscale("log")
-    ax.set_xlabel("learner updates")
     ax.set_ylabel("sharpness λ₁ of P⁻¹H (preconditioned)" if preconditioned
                   else "sharpness λ₁ of the TD-loss Hessian")
     ax.set_title("Sharpness vs stability threshold")
@@ -162,12 +170,8 @@ def plot_loss(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
         if x:
             ax.plot(x, y, label=name)
             plotted += y
-    if not plotted:
-        plt.close(fig)
+    if not _scale_axes(fig, ax, plotted):
         return None
-    if _spans_decades(plotted):
-        ax.set_yscale("log")
-    ax.set_xlabel("learner updates")
     ax.set_ylabel("TD loss (mean over batch)")
     ax.set_title("Training loss")
     ax.legend(fontsize="small")
