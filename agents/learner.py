@@ -8,7 +8,6 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from agents import checkpoint, losses, networks, spectral_norm

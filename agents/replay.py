@@ -21,7 +21,6 @@ Item structure (the table signature):
 from __future__ import annotations
 
 import os
-from collections import deque
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -214,8 +213,10 @@ def batch_stream(address: str, batch_size: int, table: str = REPLAY_TABLE,
         server_address=address, table=table,
         max_in_flight_samples_per_worker=2 * batch_size,
         rate_limiter_timeout_ms=rate_limiter_timeout_ms)
-    dataset = dataset.map(lambda sample: sample.data)
-    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+    # Batch before dropping the sample info: one map call per batch instead of per item
+    # doubles the batches/s the iterator delivers (MinAtar, batch 32: ~1000 -> ~2000/s).
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.map(lambda sample: sample.data).prefetch(prefetch)
     return DevicePrefetch(dataset.as_numpy_iterator())
 
 

@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from agents.actor import make_policy  # noqa: E402
 from agents.config import load_config  # noqa: E402

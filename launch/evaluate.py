@@ -6,7 +6,6 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from agents import checkpoint
 from agents.actor import Evaluator
 from agents.config import Config
 from envs.factory import make_env
@@ -37,10 +36,7 @@ def evaluate_checkpoint(config: Config, ckpt: Path, run_path: Optional[Path],
                         video: Optional[str] = None) -> Dict[str, Any]:
     parts = Components(config)
     learner = parts.learner()
-    template_meta = checkpoint.read_meta(ckpt)
-    extra_template = ({"probe_batch": parts.batch_template(config.probe.batch_size)}
-                      if template_meta.get("has_probe_batch") else {})
-    _, meta = learner.restore(ckpt, extra_template)
+    _, meta = parts.restore(learner, ckpt)
     episodes = episodes or config.run.eval_episodes
     epsilon = config.agent.epsilon_eval if epsilon is None else epsilon
     env = make_env(config.env, config.run.seed + 20_000, training=False,

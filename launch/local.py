@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 from agents import checkpoint
 from agents.config import Config
-from launch.rundir import MetricsWriter, RunDir, read_metrics
+from launch.rundir import MetricsWriter, RunDir
 
 STOP_GRACE_S = 8.0
 

@@ -50,25 +50,10 @@ def _scale_axes(fig, ax, plotted: List[float]) -> bool:
     if not plotted:
         plt.close(fig)
         return False
-    if _spans_decades(plotted):
+    if spans_decades(plotted):
         ax.set_yscale("log")
     ax.set_xlabel("learner updates")
     return True
-
-
-def _number(value) -> Optional[float]:
-    """A float from a record field; None for missing or non-numeric values
-    (the metrics writer stores non-finite floats as the strings "nan"/"inf")."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
 
 
 def series(records: Sequence[Record], kind: str, x_key: str,
@@ -78,7 +63,7 @@ def series(records: Sequence[Record], kind: str, x_key: str,
     for r in records:
         if r.get("kind") != kind:
             continue
-        x, y = _number(r.get(x_key)), _number(y_of(r))
+        x, y = rundir.number(r.get(x_key)), rundir.number(y_of(r))
         if x is not None and y is not None:
             points.append((x, y))
     points.sort(key=lambda p: p[0])
@@ -97,7 +82,7 @@ def run_names(run_dirs: Sequence[Path]) -> List[str]:
 # Figures.
 
 
-def _spans_decades(values: Iterable[float], decades: float = 2.0) -> bool:
+def spans_decades(values: Iterable[float], decades: float = 2.0) -> bool:
     finite = [v for v in values if math.isfinite(v)]
     if not finite or min(finite) <= 0:
         return False

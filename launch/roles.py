@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -26,12 +26,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import reverb  # noqa: E402
 
-from agents import checkpoint, replay  # noqa: E402
+from agents import replay  # noqa: E402
 from agents.actor import Actor, Evaluator, linear_epsilon  # noqa: E402
 from agents.config import Config  # noqa: E402
 from envs.factory import make_env  # noqa: E402
 from launch.rundir import MetricsWriter, RunDir  # noqa: E402
-from launch.train import Components, all_finite  # noqa: E402
+from launch.learning import LearningLoop  # noqa: E402
+from launch.train import Components, prune_replay_checkpoints  # noqa: E402
 
 
 class Stop(Exception):
@@ -126,7 +127,6 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
 
 
 def _checkpoint_replay(client: reverb.Client, directory: str) -> None:
-    from launch.train import prune_replay_checkpoints
     prune_replay_checkpoints(Path(directory), client.checkpoint())
 
 
@@ -216,20 +216,13 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
     parts = Components(config)
     client = connect(address)
     rdir = RunDir(run_dir).create()
-    learner = parts.learner()
-    prober = None
-    if config.probe.enabled:
-        from agents.probes import Prober
-        prober = Prober(config.probe, learner)
     metrics = MetricsWriter(rdir)
-    probe_batch = None
-    latest = checkpoint.latest(rdir.checkpoints)
-    if latest is not None:
-        has_batch = checkpoint.read_meta(latest).get("has_probe_batch", False)
-        extra, _ = learner.restore(latest, {"probe_batch": parts.batch_template(config.probe.batch_size)}
-                                   if has_batch else {})
-        probe_batch = extra.get("probe_batch")
-        metrics.write("event", learner.step, event="resumed", checkpoint=str(latest),
+    loop = LearningLoop(parts, metrics, env_steps=lambda: inserted_steps(client),
+                        sample_items=lambda n: replay.sample_items(client, n, parts.signature()))
+    learner = loop.learner
+    restored = loop.restore(rdir.checkpoints)
+    if restored is not None:
+        metrics.write("event", learner.step, event="resumed", checkpoint=str(restored[0]),
                       env_steps=inserted_steps(client),
                       replay_size=client.server_info()[replay.REPLAY_TABLE].current_size)
     channel = ParamsChannel(client, learner.acting_params())
@@ -245,17 +238,10 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
         return replay.batch_stream(address, rcfg.batch_size, rate_limiter_timeout_ms=timeout_ms)
 
     def save() -> None:
-        if not all_finite(learner.state.params):
-            metrics.write("event", learner.step, event="checkpoint_skipped", reason="non-finite parameters")
-            return
-        keep_batch = probe_batch is not None and config.probe.batch == "fixed"
-        learner.save(rdir.checkpoints, keep=run.keep_checkpoints,
-                     extra={"probe_batch": probe_batch} if keep_batch else {},
-                     meta={"env_steps": inserted_steps(client), "learner_step": learner.step,
-                           "has_probe_batch": keep_batch})
+        loop.save(rdir.checkpoints, meta={"env_steps": inserted_steps(client)})
 
     stream = new_stream()
-    window, status = [], "completed"
+    status = "completed"
     tick, tick_step = time.time(), learner.step
     last_inserts, last_change = inserted_steps(client), time.time()
     try:
@@ -275,26 +261,15 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
                 stream.close()
                 stream = new_stream()
                 continue
-            window.append(learner.update(batch))
+            loop.update(batch)
             step = learner.step
             if step % config.distributed.publish_every == 0:
                 channel.publish(*learner.acting_params(), step)
-            if prober is not None and prober.should_probe(step):
-                if probe_batch is None or config.probe.batch == "fresh":
-                    probe_batch = replay.sample_items(client, config.probe.batch_size, parts.signature())
-                record = prober.probe(learner.preprocess(probe_batch))
-                metrics.write("probe", step, env_steps=inserted_steps(client),
-                              **{k: v for k, v in record.items() if k not in ("kind", "step")})
             if step % log_every == 0:
-                values = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
-                window = []
                 now = time.time()
-                values.update(env_steps=inserted_steps(client), lr=learner.current_lr(),
-                              updates_per_second=(step - tick_step) / max(now - tick, 1e-9))
+                rate = (step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, step
-                metrics.write("train", step, **values)
-                if not math.isfinite(values["loss"]):
-                    metrics.write("event", step, event="divergence", reason="non-finite loss")
+                if not loop.write_train({"env_steps": inserted_steps(client), "updates_per_second": rate}):
                     status = "diverged"
                     break
             if step % checkpoint_every == 0:

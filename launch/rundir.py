@@ -132,6 +132,17 @@ def read_metrics(path: str | Path, kind: Optional[str] = None) -> Iterator[Dict[
                 yield record
 
 
+def number(value: Any) -> Optional[float]:
+    """A float from a metrics field; None for missing or non-numeric values (the
+    writer stores non-finite floats as the strings "nan"/"inf", which come back as floats)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def route_native_logs(log_path: str | Path) -> None:
     """Sends what C++ libraries (TensorFlow, Reverb, XLA) print on file descriptor 2
     to `log_path`, while Python's own stderr (errors, progress bar) stays on the

@@ -48,8 +48,13 @@ filesystem-safe. A run is `python -m launch.cli train BASE --run-dir DIR
 --set k=v ... --no-progress`, its output in DIR/train.log; `--parallel K` runs
 K of a stage at once. A run dir that already holds a finished run (its last
 event is `finished` with status completed or diverged) is skipped, so running
-the study again resumes it, or only rebuilds the report; a run dir left by an
-unfinished attempt is cleared and the run starts over. A run that fails is
+the study again resumes it, or only rebuilds the report. A run dir left by an
+unfinished attempt (a crash, Ctrl-C) continues from its last checkpoint with
+`eosrl train --resume` when its config.yaml is still the run's config;
+otherwise it is cleared and the run starts over. Runs resume with the replay
+they checkpointed (`replay.checkpoint`); without it an online run refills
+replay to `min_size` before learning again, and an offline run reloads its
+dataset; a recording run appends to its dataset. A run that fails is
 reported with its log and the study carries on; so does a diverged run.
 
 Every run's config is built and validated before the first run starts, so a
@@ -88,7 +93,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from agents import checkpoint
 from agents.config import Config, ConfigError, load_config
+from launch.rundir import number, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = ("completed", "diverged")  # statuses of a run that need not run again
@@ -119,7 +126,9 @@ class RunSpec:
     def set_args(self) -> List[str]:
         return [f"{k}={yaml_value(v)}" for k, v in self.overrides.items()]
 
-    def command(self) -> List[str]:
+    def command(self, resume: bool = False) -> List[str]:
+        if resume:  # the run dir's config.yaml is this run's config (see `resumable`)
+            return [sys.executable, "-m", "launch.cli", "train", "--resume", str(self.run_dir), "--no-progress"]
         cmd = [sys.executable, "-m", "launch.cli", "train", str(self.base),
                "--run-dir", str(self.run_dir), "--no-progress"]
         for item in self.set_args():
@@ -132,6 +141,7 @@ class RunResult:
     spec: RunSpec
     status: str  # completed | diverged | interrupted | failed | blocked | not run
     skipped: bool = False  # finished before this invocation
+    resumed: bool = False  # continued an unfinished attempt from its checkpoint
     returncode: Optional[int] = None
     seconds: Optional[float] = None
     note: str = ""
@@ -371,18 +381,7 @@ def plan_study(study: dict, study_path: Path, study_dir: Path, validate: bool = 
 # Reading run directories.
 
 
-def _number(value: Any) -> Optional[float]:
-    """A float from a record field (the writer stores non-finite floats as strings)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def read_records(run_dir: Path) -> List[Dict[str, Any]]:
-    from launch.rundir import read_metrics
     path = Path(run_dir) / "metrics.jsonl"
     return list(read_metrics(path)) if path.is_file() else []
 
@@ -406,12 +405,12 @@ def summarize_run(run_dir: Path) -> Dict[str, Any]:
     finished = events[-1] if events and events[-1].get("event") == "finished" else {}
     divergence = next((r for r in events if r.get("event") == "divergence"), None)
     probes = [r for r in records if r.get("kind") == "probe"]
-    sharpness = [v for v in (_number(r.get("sharpness")) for r in probes) if v is not None and math.isfinite(v)]
-    ratios = [_number(r.get("sharpness_over_threshold")) for r in probes]
+    sharpness = [v for v in (number(r.get("sharpness")) for r in probes) if v is not None and math.isfinite(v)]
+    ratios = [number(r.get("sharpness_over_threshold")) for r in probes]
     over = sum(1 for v in ratios if v is not None and v > 1)
-    final = _number(finished.get("final_eval_return"))
+    final = number(finished.get("final_eval_return"))
     if final is None:  # e.g. a diverged run: its last periodic evaluation
-        evals = [_number(r.get("return_mean")) for r in records if r.get("kind") == "eval"]
+        evals = [number(r.get("return_mean")) for r in records if r.get("kind") == "eval"]
         evals = [v for v in evals if v is not None]
         final = evals[-1] if evals else None
     return {
@@ -422,7 +421,7 @@ def summarize_run(run_dir: Path) -> Dict[str, Any]:
         "probes_over_threshold": over,
         "fraction_over_threshold": over / len(probes) if probes else None,
         "divergence_step": divergence.get("step") if divergence else None,
-        "wall_seconds": _number(finished.get("wall_seconds")),
+        "wall_seconds": number(finished.get("wall_seconds")),
         "learner_updates": finished.get("learner_updates"),
     }
 
@@ -487,18 +486,24 @@ class Runner:
             return RunResult(spec, "blocked", note=f"needs {', '.join(blocked)}, which did not finish")
         if self.stopping.is_set():
             return RunResult(spec, "not run", note="the study was stopped")
-        clear_unfinished(spec.run_dir)
+        resume = resumable(spec)
+        if not resume:
+            clear_unfinished(spec.run_dir)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         start = time.time()
-        with open(spec.run_dir / "train.log", "w") as log:
+        with open(spec.run_dir / "train.log", "a" if resume else "w") as log:
+            if resume:
+                log.write(f"\n--- eosrl study: resuming from {checkpoint.latest(spec.run_dir / 'checkpoints')}\n")
+                log.flush()
             # Its own session, so a Ctrl-C meant for the study reaches runs only through stop().
-            proc = subprocess.Popen(spec.command(), stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(spec.command(resume), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=ROOT, env=env, start_new_session=True)
             with self._lock:
                 self._procs[proc.pid] = proc
-                self.echo(f"  started {spec.key}  (log: {spec.run_dir / 'train.log'})")
+                verb = "resumed" if resume else "started"
+                self.echo(f"  {verb} {spec.key}  (log: {spec.run_dir / 'train.log'})")
             if self.stopping.is_set():  # stop() ran between the check above and Popen
                 proc.send_signal(signal.SIGTERM)
             try:
@@ -511,12 +516,24 @@ class Runner:
         if status not in FINISHED + ("interrupted",):
             # Stopped by the study (a SIGTERM outside train's loop ends it without a record) or failed.
             status = "interrupted" if self.stopping.is_set() else "failed"
-        return RunResult(spec, status, returncode=returncode, seconds=seconds)
+        return RunResult(spec, status, resumed=resume, returncode=returncode, seconds=seconds)
+
+
+def resumable(spec: RunSpec) -> bool:
+    """Whether an unfinished attempt left a checkpoint of exactly this run's config
+    (a study file edited since then starts the run over)."""
+    run_dir = spec.run_dir
+    if spec.config is None or checkpoint.latest(run_dir / "checkpoints") is None:
+        return False
+    try:
+        return load_config(run_dir / "config.yaml") == spec.config
+    except (ConfigError, OSError):
+        return False
 
 
 def clear_unfinished(run_dir: Path) -> None:
-    """Removes what an unfinished attempt left (`eosrl train` refuses a used run dir,
-    and starting over is the only way to get a run that matches its config)."""
+    """Removes what an unfinished attempt without a usable checkpoint left (`eosrl
+    train` refuses a used run dir)."""
     run_dir = Path(run_dir)
     if run_dir.is_dir() and any((run_dir / f).exists() for f in ("metrics.jsonl", "config.yaml", "train.log")):
         shutil.rmtree(run_dir)
@@ -528,6 +545,8 @@ def describe(result: RunResult) -> str:
     if result.status in ("blocked", "not run"):
         return f"{result.status}: {result.note}"
     took = f" in {result.seconds:.0f} s" if result.seconds is not None else ""
+    if result.resumed:
+        took += " (resumed from its checkpoint)"
     if result.status == "failed":
         return f"FAILED (exit code {result.returncode}){took}; log: {result.log}"
     summary = summarize_run(result.spec.run_dir)
@@ -576,23 +595,19 @@ def _kind_of(spec: RunSpec) -> str:
     return str(spec.overrides.get("agent.kind", spec.values.get("agent.kind", "?")))
 
 
-def _spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
-    finite = [v for v in values if math.isfinite(v)]
-    return bool(finite) and min(finite) > 0 and math.log10(max(finite) / min(finite)) >= decades
-
-
 def plot_sharpness_by_regime(specs: Sequence[RunSpec], path: Path) -> Optional[Path]:
     """sharpness/threshold vs learner updates: a panel per regime, a line per agent kind
     (plus any other grid values), an × where a run diverged."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from launch.plot import spans_decades
     # (stage, regime) -> [(line label, steps, ratios, divergence step)]
     lines: Dict[Tuple[str, str], List[Tuple[str, List[float], List[float], Optional[int]]]] = {}
     stages_with_probes = set()
     for spec in specs:
         records = read_records(spec.run_dir)
-        ratios = ((r["step"], _number(r.get("sharpness_over_threshold"))) for r in records if r.get("kind") == "probe")
+        ratios = ((r["step"], number(r.get("sharpness_over_threshold"))) for r in records if r.get("kind") == "probe")
         points = sorted((x, y) for x, y in ratios if y is not None and math.isfinite(y))
         if not points:
             continue
@@ -624,7 +639,8 @@ def plot_sharpness_by_regime(specs: Sequence[RunSpec], path: Path) -> Optional[P
         ax.set_title(key[1] if len(stages_with_probes) == 1 else f"{key[0]}: {key[1]}")
         ax.set_xlabel("learner updates")
         ax.legend(fontsize="small")
-    if _spans_decades(every):
+    # The threshold line counts: ratios far below it (a short run) get a log axis so their trend shows.
+    if spans_decades(every + [1.0]):
         axes[0][0].set_yscale("log")
     for row in axes:
         row[0].set_ylabel("sharpness / threshold")

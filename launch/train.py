@@ -6,25 +6,23 @@ the same classes as separate processes.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import reverb  # noqa: E402
 
 from agents import checkpoint, networks, replay  # noqa: E402
 from agents.actor import Actor, Evaluator  # noqa: E402
-from agents.config import Config, load_config, save_config  # noqa: E402
+from agents.config import Config, save_config  # noqa: E402
 from agents.learner import Learner  # noqa: E402
 from envs.factory import env_spec, make_env  # noqa: E402
+from launch.learning import LearningLoop  # noqa: E402
 from launch.rundir import MetricsWriter, RunDir, sigterm_as_interrupt  # noqa: E402
 
 
@@ -49,10 +47,13 @@ class Components:
         return {key: np.zeros((batch_size,) + tuple(spec.shape), spec.dtype.as_numpy_dtype)
                 for key, spec in self.signature().items()}
 
-
-def all_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
-               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
+    def restore(self, learner: Learner, path: Path) -> Tuple[Optional[Dict[str, np.ndarray]], Dict[str, Any]]:
+        """Loads checkpoint `path` into `learner`: (its fixed probe batch or None, its meta)."""
+        template = {}
+        if checkpoint.read_meta(path).get("has_probe_batch", False):
+            template = {"probe_batch": self.batch_template(self.config.probe.batch_size)}
+        extra, meta = learner.restore(path, template)
+        return extra.get("probe_batch"), meta
 
 
 def prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
@@ -108,34 +109,28 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         checkpoint_dir=str(run_dir.replay) if rcfg.checkpoint else None)
     client = reverb.Client(f"localhost:{server.port}")
     adder = replay.TransitionAdder(client, agent.n_step, agent.discount, parts.spec.frame_stack)
-    learner = parts.learner()
-    prober = None
-    if config.probe.enabled:
-        from agents.probes import Prober  # compiles HVPs: only load when asked for
-        prober = Prober(config.probe, learner)
     recorder = None
     if rcfg.record_to and not offline:
         from agents.dataset import DatasetWriter
         recorder = DatasetWriter.for_env(rcfg.record_to, config.env, resume=resume,
                                          agent={"kind": agent.kind, "run": str(run_dir.path)})
+    metrics = MetricsWriter(run_dir)
+    env_steps, episodes = 0, 0
+    loop = LearningLoop(parts, metrics, env_steps=lambda: env_steps,
+                        sample_items=lambda n: replay.sample_items(client, n, parts.signature()))
+    learner = loop.learner
     actor = Actor(make_env(config.env, run.seed, training=True), parts.network, agent, adder,
                   seed=run.seed, clip_rewards=config.env.clip_rewards, recorder=recorder)
     evaluator = Evaluator(make_env(config.env, run.seed + 10_000, training=False), parts.network,
                           agent.epsilon_eval, seed=run.seed + 10_000)
-    metrics = MetricsWriter(run_dir)
 
-    env_steps, episodes = 0, 0
-    probe_batch = None  # the fixed probe batch (raw items), drawn once when learning starts
     if resume:
-        path = checkpoint.latest(run_dir.checkpoints)
-        if path is None:
+        restored = loop.restore(run_dir.checkpoints)
+        if restored is None:
             raise FileNotFoundError(f"{run_dir.checkpoints}: no checkpoint to resume from")
-        has_probe_batch = checkpoint.read_meta(path).get("has_probe_batch", False)
-        extra_template = {"probe_batch": parts.batch_template(config.probe.batch_size)} if has_probe_batch else {}
-        extra, meta = learner.restore(path, extra_template)
+        path, meta = restored
         env_steps, episodes = meta["env_steps"], meta["episodes"]
         actor.steps = env_steps
-        probe_batch = extra.get("probe_batch")
         metrics.write("event", learner.step, env_steps=env_steps, event="resumed",
                       checkpoint=str(path), replay_size=replay.table_size(client))
     if regime.mode != "online" and replay.table_size(client) == 0:
@@ -145,7 +140,6 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
 
     initial_size = replay.table_size(client)
     stream = None
-    window: List[Dict[str, Any]] = []
     # The run's clock: env steps online, learner updates offline.
     clock = (lambda: learner.step) if offline else (lambda: env_steps)
     total = run.total_updates if offline else run.total_env_steps
@@ -159,19 +153,11 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     tick, tick_clock = time.time(), clock()
 
     def save_checkpoint() -> Optional[Path]:
-        if not all_finite(learner.state.params):
-            metrics.write("event", learner.step, env_steps=env_steps, event="checkpoint_skipped",
-                          reason="non-finite parameters; the last good checkpoint is kept")
-            return None
-        if rcfg.checkpoint:
+        path = loop.save(run_dir.checkpoints, meta={"env_steps": env_steps, "episodes": episodes})
+        if path is not None and rcfg.checkpoint:
             adder.flush()
-            saved = client.checkpoint()
-            prune_replay_checkpoints(run_dir.replay, saved)
-        keep_batch = probe_batch is not None and config.probe.batch == "fixed"
-        extra = {"probe_batch": probe_batch} if keep_batch else {}
-        return learner.save(run_dir.checkpoints, keep=run.keep_checkpoints, extra=extra,
-                            meta={"env_steps": env_steps, "episodes": episodes,
-                                  "learner_step": learner.step, "has_probe_batch": bool(extra)})
+            prune_replay_checkpoints(run_dir.replay, client.checkpoint())
+        return path
 
     def run_eval() -> Dict[str, float]:
         result = evaluator.run(*learner.acting_params(), episodes=run.eval_episodes)
@@ -179,25 +165,16 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         return result
 
     def learn() -> None:
-        """One learner update (and a probe when due)."""
-        nonlocal stream, probe_batch
+        nonlocal stream
         if stream is None:
             adder.flush()  # the server must hold min_size items before sampling starts
             stream = replay.batch_stream(f"localhost:{server.port}", rcfg.batch_size)
-            if prober and config.probe.batch == "fixed" and probe_batch is None:
-                probe_batch = replay.sample_items(client, config.probe.batch_size, parts.signature())
-        window.append(learner.update(next(stream)))
+        loop.update(next(stream))
         actor.update_params(*learner.acting_params())
-        if prober and prober.should_probe(learner.step):
-            if config.probe.batch == "fresh":
-                probe_batch = replay.sample_items(client, config.probe.batch_size, parts.signature())
-            record = prober.probe(learner.preprocess(probe_batch))
-            metrics.write("probe", learner.step, env_steps=env_steps,
-                          **{k: v for k, v in record.items() if k not in ("kind", "step")})
 
     def log() -> bool:
         """Writes a `train` record; False when the loss went non-finite."""
-        nonlocal window, tick, tick_clock
+        nonlocal tick, tick_clock
         now = time.time()
         rate = (clock() - tick_clock) / max(now - tick, 1e-9)
         tick, tick_clock = now, clock()
@@ -208,18 +185,7 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         recent = actor.stats.recent_return()
         if recent is not None:
             values["return"] = recent
-        finite = True
-        if window:
-            stacked = jax.device_get(window)
-            for key in stacked[0]:
-                values[key] = float(np.mean([m[key] for m in stacked]))
-            values["lr"] = learner.current_lr()
-            window = []
-            finite = math.isfinite(values["loss"])
-        metrics.write("train", learner.step, **values)
-        if not finite:
-            metrics.write("event", learner.step, env_steps=env_steps, event="divergence",
-                          reason="non-finite loss")
+        finite = loop.write_train(values)
         if bar is not None:
             bar.set_postfix(rate=f"{rate:.0f}/s", ret=f"{recent:.1f}" if recent is not None else "-",
                             upd=learner.step, refresh=False)

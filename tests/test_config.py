@@ -2,7 +2,6 @@
 that names the key, before any run directory or server exists."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

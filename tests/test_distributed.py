@@ -168,7 +168,6 @@ def test_learner_death_stops_run_with_message(tmp_path):
 def _template():
     from agents.config import load_config
     from launch.train import Components
-    from agents.learner import LearnerState  # noqa: F401
     learner = Components(load_config(CONFIGS / "dqn_cartpole.yaml")).learner()
     return {"learner": learner.state, "extra": {}}
 

@@ -1,12 +1,15 @@
-"""End-to-end learning through the real loop (env -> Reverb -> learner), and resume."""
+"""End-to-end learning through the real loop (env -> Reverb -> learner), evaluation
+of the learnt checkpoint, and resume."""
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from agents.config import load_config
-from conftest import CONFIGS
+from conftest import CONFIGS, ROOT
 from launch.rundir import read_metrics
 from launch.train import Components, train
 
@@ -27,6 +30,27 @@ def test_cartpole_learns_to_400(tmp_path, name, overrides):
     assert summary["status"] == "completed"
     best = _best_eval(tmp_path / name)
     assert best >= 400, f"{name}: best evaluation return {best:.1f} < 400"
+    if name == "c51_cartpole":  # holds 500 once learnt: its final checkpoint must evaluate well
+        _check_evaluate_command(tmp_path / name)
+
+
+def _check_evaluate_command(run_dir):
+    """`eosrl evaluate RUN_DIR` loads the last checkpoint, prints one JSON record,
+    appends it to the run's metrics and writes the requested GIF."""
+    video = run_dir / "episode.gif"
+    result = subprocess.run([sys.executable, "-m", "launch.cli", "evaluate", str(run_dir), "--episodes", "3",
+                             "--video", str(video)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["episodes"] == 3 and record["epsilon"] == 0.0
+    assert record["return_mean"] >= 400, record
+    assert record["checkpoint"].endswith(".npz") and video.stat().st_size > 0
+    appended = [r for r in read_metrics(run_dir / "metrics.jsonl", "eval") if r.get("source") == "eosrl evaluate"]
+    assert len(appended) == 1 and appended[0]["return_mean"] == record["return_mean"]
+    missing = subprocess.run([sys.executable, "-m", "launch.cli", "evaluate", str(run_dir / "nope")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "not a run directory or a checkpoint file" in missing.stderr
 
 
 def test_checkpoint_round_trip_restores_identical_state(tmp_path):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 from agents.config import load_config
-from agents.dataset import DatasetReader
 from conftest import CONFIGS, ROOT
 from launch.rundir import read_metrics
 from launch.train import train
@@ -30,7 +29,6 @@ def test_record_info_offline_round_trip(tmp_path):
     info = json.loads(info.stdout)
     assert info["transitions"] == 2000
     assert info["env"]["id"] == "CartPole-v1"
-    returns = [r for r in read_metrics(tmp_path / "collect" / "metrics.jsonl", "train")]
     assert info["episodes"] >= 2000 // 500  # CartPole episodes end well before 500 steps here
 
     for subset, expected in (("all", 2000), ("first 800", 800), ("last 800", 800), ("random 800", 800)):

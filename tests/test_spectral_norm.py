@@ -14,7 +14,6 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from agents import spectral_norm

@@ -5,6 +5,7 @@ run dirs, and the small MinAtar regimes study end to end."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -216,7 +217,7 @@ write({"kind": "event", "step": 200, "event": "finished", "status": "completed",
 @pytest.fixture
 def fake_train(monkeypatch):
     """Runs stand in for `eosrl train`: the run named `crash` fails, `nan*` diverges."""
-    def command(spec):
+    def command(spec, resume=False):
         behaviour = "crash" if spec.name == "crash" else "diverge" if spec.name.startswith("nan") else "ok"
         return [sys.executable, "-c", FAKE_TRAIN, str(spec.run_dir), behaviour]
     monkeypatch.setattr(st.RunSpec, "command", command)
@@ -255,6 +256,39 @@ def test_runner_skips_finished_reports_failures_and_carries_on(tmp_path, fake_tr
     st.run_study(path, out=out, echo=lines.append)
     assert sum("skipped" in line for line in lines) == 5
     assert not (out / "a" / "crash" / "stale").exists()
+
+
+def test_unfinished_run_resumes_from_its_checkpoint(tmp_path):
+    from agents.config import save_config
+    from launch.rundir import read_metrics
+    from launch.train import train
+    path = write_study(tmp_path, {"name": "resume", "base": CARTPOLE, "stages": [{"name": "s", "runs": [
+        {"name": "r", "set": {"run": {"total_env_steps": 800, "eval_every": 0, "eval_episodes": 1},
+                              "replay": {"min_size": 200, "checkpoint": False}}}]}]})
+    out = tmp_path / "out"
+    spec = st.plan_study(st.load_study(path), path, out)[0]
+    # What a crash after the checkpoint at 400 of 800 env steps leaves: the run's
+    # config.yaml, its checkpoint, and metrics without a `finished` event.
+    half = dataclasses.replace(spec.config, run=dataclasses.replace(spec.config.run, total_env_steps=400))
+    train(half, spec.run_dir, progress=False)
+    save_config(spec.config, spec.run_dir / "config.yaml")
+    records = (spec.run_dir / "metrics.jsonl").read_text().splitlines()
+    (spec.run_dir / "metrics.jsonl").write_text("\n".join(r for r in records if '"finished"' not in r) + "\n")
+    (spec.run_dir / "train.log").write_text("the first attempt\n")
+    edited = dataclasses.replace(spec, config=dataclasses.replace(
+        spec.config, run=dataclasses.replace(spec.config.run, seed=7)))
+    assert st.resumable(spec) and not st.resumable(edited)  # an edited study starts the run over
+
+    lines = []
+    result = st.run_study(path, out=out, echo=lines.append)
+    assert any(line.startswith("  resumed s/r") for line in lines)
+    assert any("completed" in line and "(resumed from its checkpoint)" in line for line in lines)
+    assert result["rows"][0]["status"] == "completed"
+    events = list(read_metrics(spec.run_dir / "metrics.jsonl", "event"))
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["env_steps"] == 400
+    assert events[-1]["event"] == "finished" and events[-1]["env_steps"] == 800
+    assert (spec.run_dir / "train.log").read_text().startswith("the first attempt\n")  # appended to
 
 
 def test_dry_run_runs_nothing(tmp_path, fake_train, capsys):
