@@ -743,6 +743,13 @@ class DatasetReader:
             raise DatasetError(f"{self.path}: recorded on {_describe_env(self.meta['env'])}, "
                                f"but the config asks for {_describe_env(wanted)}")
 
+    def check_frames(self, frame_shape: Sequence[int], frame_dtype: Any) -> None:
+        """Raises DatasetError unless the frames are what the env's replay table stores."""
+        if self.frame_shape != tuple(frame_shape) or self.frame_dtype != np.dtype(frame_dtype):
+            raise DatasetError(f"{self.path / META_FILE}: frames are {self.frame_dtype.name} "
+                               f"{list(self.frame_shape)}, but this env's replay stores "
+                               f"{np.dtype(frame_dtype).name} {list(frame_shape)} (record the dataset again)")
+
     # --- subsets and corruption ---------------------------------------------------
 
     def select(self, mode: str, count: Optional[int] = None, seed: int = 0) -> np.ndarray:

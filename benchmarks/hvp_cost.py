@@ -41,7 +41,7 @@ from agents.probes import make_hvp  # noqa: E402
 
 CASES = {
     # name: (env kind, observation shape, observation dtype)
-    "minatar": ("minatar", (10, 10, 4), np.float32),
+    "minatar": ("minatar", (10, 10, 4), np.bool_),
     "nature": ("atari", (84, 84, 4), np.uint8),
 }
 
@@ -53,7 +53,7 @@ def random_batch(obs_shape, obs_dtype, num_actions: int, batch_size: int, seed: 
             return rng.integers(0, 256, (batch_size,) + obs_shape, dtype=np.uint8)
     else:
         def obs():
-            return (rng.random((batch_size,) + obs_shape) < 0.1).astype(np.float32)
+            return rng.random((batch_size,) + obs_shape) < 0.1
     return Transition(obs=obs(), action=rng.integers(0, num_actions, batch_size).astype(np.int32),
                       reward=rng.normal(size=batch_size).astype(np.float32),
                       discount=np.full(batch_size, 0.99, np.float32), next_obs=obs())

@@ -36,7 +36,7 @@ def fill(client, parts, transitions: int, seed: int = 0) -> None:
     def obs():
         if spec.obs_dtype == np.uint8:
             return rng.integers(0, 255, spec.obs_shape, dtype=np.uint8)
-        return rng.random(spec.obs_shape, dtype=np.float32)
+        return rng.random(spec.obs_shape) < 0.1  # MinAtar: sparse bool object maps
 
     written = 0
     while written < transitions:

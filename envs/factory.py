@@ -13,7 +13,8 @@ Kinds and their protocols:
   `dopamine` (Machado et al. 2018): sticky actions 0.25, no noop starts, life loss ignored;
   `nature` (Mnih et al. 2015): no sticky actions, 1-30 noop starts, and, when `training`,
   `info["life_loss"]` on steps where a life was lost (the episode itself goes on).
-* `minatar`: the five MinAtar games, float32 (10, 10, C) observations of 0/1 values, with
+* `minatar`: the five MinAtar games, bool (10, 10, C) observations (MinAtar's own dtype:
+  a quarter of float32's bytes in replay and datasets; the networks cast to float), with
   MinAtar's own defaults (sticky actions 0.1, difficulty ramping) and the full set of 6
   actions, as in the DQN baselines of the MinAtar paper (Young & Tian 2019).
 * `gym`: `gymnasium.make(id)` for classic control (or any registered env with a Box
@@ -59,7 +60,7 @@ class EnvSpec:
     obs_shape: tuple
     """Shape of one observation as the agent sees it, e.g. (84, 84, 4) or (10, 10, 4)."""
     obs_dtype: np.dtype
-    """uint8 for Atari, float32 otherwise."""
+    """uint8 for Atari, bool for MinAtar, float32 for classic control."""
     num_actions: int
     """Size of the discrete action space."""
     frame_shape: tuple
@@ -192,7 +193,7 @@ class _LifeLoss(gymnasium.Wrapper):
 
 
 class _Float32Obs(gymnasium.ObservationWrapper):
-    """Casts Box observations to float32, the dtype the networks and replay expect."""
+    """Casts classic-control observations (float64 in gymnasium) to float32."""
 
     def __init__(self, env: gymnasium.Env):
         super().__init__(env)
@@ -256,8 +257,7 @@ def _import_minatar_gym():
 
 def _make_minatar(config: EnvConfig, render_mode: str | None) -> gymnasium.Env:
     game = _minatar_game(config.id)
-    env = _import_minatar_gym().BaseEnv(game, render_mode=render_mode, use_minimal_action_set=False)
-    return _Float32Obs(env)
+    return _import_minatar_gym().BaseEnv(game, render_mode=render_mode, use_minimal_action_set=False)
 
 
 def _make_gym(config: EnvConfig, render_mode: str | None) -> gymnasium.Env:

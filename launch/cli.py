@@ -40,7 +40,11 @@ def _load(config_path: str, overrides: List[str]):
                                  layer_names(kind, config.agent.hidden_sizes))
     if config.regime.mode != "online":  # a dataset of another env is refused up front
         from agents.dataset import DatasetReader
-        DatasetReader(config.regime.dataset, verify="none").check_env(config.env)
+        from envs.factory import env_spec
+        reader = DatasetReader(config.regime.dataset, verify="none")
+        reader.check_env(config.env)
+        spec = env_spec(config.env)
+        reader.check_frames(spec.frame_shape, spec.obs_dtype)
     return config
 
 

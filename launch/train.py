@@ -62,13 +62,15 @@ def prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def load_dataset_into_replay(config: Config, adder: replay.TransitionAdder, num_actions: int) -> Dict[str, Any]:
+def load_dataset_into_replay(config: Config, adder: replay.TransitionAdder, spec) -> Dict[str, Any]:
     """Inserts the regime's dataset (its subset, with its corruption) into replay."""
     from agents import dataset
     from agents.config import parse_subset
     g = config.regime
     reader = dataset.DatasetReader(g.dataset)
     reader.check_env(config.env)
+    reader.check_frames(spec.frame_shape, spec.obs_dtype)
+    num_actions = spec.num_actions
     mode, count = parse_subset(g.subset)
     selection = reader.select(mode, count, seed=config.run.seed)
     corruption = None
@@ -134,7 +136,7 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         metrics.write("event", learner.step, env_steps=env_steps, event="resumed",
                       checkpoint=str(path), replay_size=replay.table_size(client))
     if regime.mode != "online" and replay.table_size(client) == 0:
-        loaded = load_dataset_into_replay(config, adder, parts.spec.num_actions)
+        loaded = load_dataset_into_replay(config, adder, parts.spec)
         metrics.write("event", learner.step, env_steps=env_steps, event="dataset_loaded", **loaded)
     actor.update_params(*learner.acting_params())
 

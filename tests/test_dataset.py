@@ -254,6 +254,10 @@ def test_bad_meta_version_and_wrong_env(tmp_path):
         reader.check_env(EnvConfig(kind="atari", id="Pong", preset="nature"))
     with pytest.raises(DatasetError, match="gym/CartPole-v1"):
         reader.check_env(EnvConfig(kind="gym", id="CartPole-v1"))
+    reader.check_frames((3, 3), np.uint8)
+    with pytest.raises(DatasetError, match=r"meta.json: frames are uint8 \[3, 3\], but this env's replay stores "
+                                           r"float32 \[3, 3\]"):
+        reader.check_frames((3, 3), np.float32)  # e.g. recorded before MinAtar frames became bool
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps({**meta, "version": 2}))
     with pytest.raises(DatasetError, match="version 2 is not supported"):

@@ -62,14 +62,14 @@ def test_no_life_loss_for_dopamine_or_evaluation(preset, training):
 
 @pytest.mark.parametrize("game,channels", [("breakout", 4), ("space_invaders", 6), ("Seaquest", 10),
                                            ("MinAtar/Freeway", 7), ("asterix", 4)])
-def test_minatar_float32_observations(game, channels):
+def test_minatar_bool_observations(game, channels):
     env = make_env(EnvConfig(kind="minatar", id=game), seed=0)
     obs, info = env.reset()
-    assert obs.shape == (10, 10, channels) and obs.dtype == np.float32
-    assert set(np.unique(obs)) <= {0.0, 1.0}
+    assert obs.shape == (10, 10, channels) and obs.dtype == np.bool_ and obs.any()
+    assert env.observation_space.dtype == np.bool_ and env.observation_space.contains(obs)
     assert env.action_space.n == 6 and info["life_loss"] is False
     obs, reward, terminated, truncated, info = env.step(0)
-    assert obs.dtype == np.float32 and info["life_loss"] is False
+    assert obs.dtype == np.bool_ and info["life_loss"] is False
     env.close()
 
 
@@ -122,7 +122,7 @@ def test_spec_and_frame_helpers():
     minatar = EnvConfig(kind="minatar", id="breakout")
     spec = env_spec(minatar)
     assert (spec.obs_shape, spec.frame_shape, spec.frame_stack) == ((10, 10, 4), (10, 10, 4), 1)
-    assert spec.obs_dtype == np.float32 and spec.num_actions == 6
+    assert spec.obs_dtype == np.bool_ and spec.num_actions == 6
     spec = env_spec(EnvConfig(kind="gym", id="CartPole-v1"))
     assert (spec.obs_shape, spec.num_actions, frame_stack(EnvConfig())) == ((4,), 2, 1)
 
