@@ -146,12 +146,16 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                                     "--start-step", str(actor_steps[i]),
                                     "--run-dir", str(run_dir.path)], logs)
 
-    actors = [actor_child(i) for i in range(num_actors)]
+    # Offline, the replay server loads the dataset and nobody acts for data.
+    offline = config.regime.mode == "offline"
+    actors = [] if offline else [actor_child(i) for i in range(num_actors)]
     everyone = [replay_server, learner, evaluator, *actors]
     events.write("event", 0, event="launch", launcher="local", address=address,
                  num_actors=num_actors, resume=resume, env_steps=done_steps)
 
     from launch.roles import connect, inserted_steps
+    from launch.train import preloaded_transitions
+    preloaded = preloaded_transitions(config)
     status, message = "completed", ""
     last_eval: Optional[float] = None
     updates = 0
@@ -164,9 +168,11 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
             child.start()
         evaluator.start()
         _write_pids(logs / "pids.json", everyone)
-        if progress:
+        if progress:  # env steps, or learner updates offline
             from tqdm import tqdm
-            bar = tqdm(total=config.run.total_env_steps, initial=done_steps, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=config.run.total_updates if offline else config.run.total_env_steps,
+                       initial=0 if offline else done_steps, unit="update" if offline else "step",
+                       dynamic_ncols=True)
         tick, tick_steps, tick_updates = time.time(), done_steps, 0
         while True:
             time.sleep(1.0)
@@ -204,12 +210,12 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                 status, message = "replay_died", f"the replay server exited (log: {logs / 'replay.log'})"
                 break
             if bar is not None:
-                steps = inserted_steps(client)
+                steps = inserted_steps(client, preloaded)
                 now = time.time()
                 sps = (steps - tick_steps) / max(now - tick, 1e-9)
                 ups = (updates - tick_updates) / max(now - tick, 1e-9)
                 tick, tick_steps, tick_updates = now, steps, updates
-                bar.update(min(steps, bar.total) - bar.n)
+                bar.update(min(updates if offline else steps, bar.total) - bar.n)
                 bar.set_postfix(sps=f"{sps:.0f}", upd_s=f"{ups:.0f}",
                                 eval=f"{last_eval:.1f}" if last_eval is not None else "-", refresh=True)
     except KeyboardInterrupt:

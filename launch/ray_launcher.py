@@ -41,6 +41,20 @@ def _role_actor(ray):
     return Role
 
 
+def _checkpoint_replay(address: str, run_dir: Path) -> str:
+    """Asks the replay server for a table checkpoint (written on its node); a
+    problem comes back as a message, not an exception, so shutdown carries on."""
+    try:
+        import reverb
+        from launch.train import prune_replay_checkpoints
+        saved = reverb.Client(address).checkpoint()
+        if (run_dir / "replay").is_dir():  # prune what this node can see
+            prune_replay_checkpoints(run_dir / "replay", saved)
+        return ""
+    except Exception as e:  # noqa: BLE001 - reported in the summary
+        return f"the final replay checkpoint failed: {e}"
+
+
 def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = False,
                address: Optional[str] = None, learner_gpus: float = 0.0) -> Dict:
     try:
@@ -70,7 +84,9 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
     share = math.ceil(config.run.total_env_steps / num_actors)
     learner = Role.options(num_cpus=1, num_gpus=learner_gpus).remote()
     learner_ref = learner.run.remote("learner", config_dict, address=replay_address, run_dir=Path(run_dir))
-    actors = [Role.options(num_cpus=1).remote() for _ in range(num_actors)]
+    # Offline, the replay server loads the dataset and nobody acts for data.
+    actors = [] if config.regime.mode == "offline" else [Role.options(num_cpus=1).remote()
+                                                         for _ in range(num_actors)]
     for i, actor in enumerate(actors):
         actor.run.remote("actor", config_dict, address=replay_address, actor_id=i, num_actors=num_actors,
                          steps=share, run_dir=Path(run_dir), start_step=math.ceil(done / num_actors))
@@ -87,7 +103,14 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
     except ray.exceptions.RayError as e:
         status, message = "learner_died", f"the learner died: {e}"
     finally:
-        for handle in [evaluator, *actors, replay_server, learner]:
+        # ray.kill ends a role without its clean-up, so the final replay checkpoint
+        # the local launcher gets from the server's SIGTERM handler is asked for here,
+        # once nothing writes to the table any more.
+        for handle in [evaluator, *actors]:
+            ray.kill(handle, no_restart=True)
+        if config.replay.checkpoint:
+            message = "; ".join(filter(None, [message, _checkpoint_replay(replay_address, Path(run_dir))]))
+        for handle in [replay_server, learner]:
             ray.kill(handle, no_restart=True)
         ray.shutdown()
     del replay_ref

@@ -32,7 +32,8 @@ from agents.config import Config  # noqa: E402
 from envs.factory import make_env  # noqa: E402
 from launch.rundir import MetricsWriter, RunDir  # noqa: E402
 from launch.learning import LearningLoop  # noqa: E402
-from launch.train import Components, prune_replay_checkpoints  # noqa: E402
+from launch.train import (Components, load_dataset_into_replay, preloaded_transitions,  # noqa: E402
+                          prune_replay_checkpoints, replay_capacity)
 
 
 class Stop(Exception):
@@ -53,6 +54,23 @@ def samples_per_insert(config: Config) -> float:
     return config.replay.batch_size / config.replay.update_period
 
 
+def clock_unit(config: Config) -> int:
+    """Env steps per run-clock tick for the learner and evaluator schedules: the
+    offline regime counts `log_every`, `eval_every`, ... in learner updates, the
+    others in env steps (an update every `update_period` of them)."""
+    return 1 if config.regime.mode == "offline" else config.replay.update_period
+
+
+def update_budget(config: Config, preloaded: int) -> int:
+    """Learner updates of the whole run, as `eosrl train` counts them: `total_updates`
+    offline; otherwise one per `update_period` env steps once replay holds `min_size`
+    transitions (a preloaded dataset counts towards them)."""
+    if config.regime.mode == "offline":
+        return config.run.total_updates
+    warmup = max(0, config.replay.min_size - preloaded)
+    return max(0, config.run.total_env_steps - warmup) // config.replay.update_period
+
+
 def connect(address: str, timeout_s: float = 60.0) -> reverb.Client:
     """A client once the server answers (roles may start before the server is up)."""
     client = reverb.Client(address)
@@ -67,10 +85,11 @@ def connect(address: str, timeout_s: float = 60.0) -> reverb.Client:
             time.sleep(0.5)
 
 
-def inserted_steps(client: reverb.Client) -> int:
-    """Transitions inserted into `replay` so far (one per actor env step)."""
+def inserted_steps(client: reverb.Client, preloaded: int = 0) -> int:
+    """Actor env steps so far: transitions inserted into `replay` (one per actor env
+    step) less the `preloaded` ones a dataset put there."""
     info = client.server_info()[replay.REPLAY_TABLE]
-    return int(info.rate_limiter_info.insert_stats.completed)
+    return max(0, int(info.rate_limiter_info.insert_stats.completed) - preloaded)
 
 
 # ----------------------------------------------------------------------------
@@ -101,11 +120,18 @@ class ParamsChannel:
 
 
 def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> None:
+    """Serves the tables; in the offline regimes it first loads the dataset into
+    `replay` (unless a table checkpoint brought it back)."""
     _install_stop_handlers()
     parts = Components(config)
     d = config.distributed
-    table = replay.replay_table(config.replay.capacity, config.replay.min_size, parts.signature(),
-                                samples_per_insert=samples_per_insert(config),
+    preloaded = preloaded_transitions(config)
+    # Sampling waits for the whole dataset (and min_size); online and offline-to-online
+    # keep samples_per_insert against new transitions from that point on.
+    table = replay.replay_table(replay_capacity(config), max(config.replay.min_size, preloaded),
+                                parts.signature(),
+                                samples_per_insert=None if config.regime.mode == "offline"
+                                else samples_per_insert(config),
                                 error_buffer=d.error_buffer or None)
     checkpoint_dir = str(RunDir(run_dir).replay) if (run_dir and config.replay.checkpoint) else None
     server = replay.start_server([table, replay.params_table()], port=port, checkpoint_dir=checkpoint_dir)
@@ -113,6 +139,16 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
     print(f"replay server listening on port {server.port}", flush=True)
     last = time.time()
     try:
+        if preloaded and replay.table_size(client) == 0:
+            adder = replay.TransitionAdder(client, config.agent.n_step, config.agent.discount,
+                                           parts.spec.frame_stack)
+            loaded = load_dataset_into_replay(config, adder, parts.spec)
+            adder.close()
+            print(f"loaded {loaded['transitions']} transitions from {config.regime.dataset}", flush=True)
+            if run_dir:
+                metrics = MetricsWriter(RunDir(run_dir), tensorboard=False)
+                metrics.write("event", 0, env_steps=0, event="dataset_loaded", **loaded)
+                metrics.close()
         while True:
             time.sleep(1.0)
             if checkpoint_dir and time.time() - last >= d.replay_checkpoint_seconds:
@@ -189,7 +225,8 @@ def run_evaluator(config: Config, address: str, run_dir: Optional[Path]) -> int:
     evaluator = Evaluator(make_env(config.env, config.run.seed + 10_000, training=False),
                           parts.network, config.agent.epsilon_eval, seed=config.run.seed + 10_000)
     metrics = MetricsWriter(RunDir(run_dir), tensorboard=False) if run_dir else None
-    every_updates = max(1, config.run.eval_every // config.replay.update_period) if config.run.eval_every else None
+    every_updates = max(1, config.run.eval_every // clock_unit(config)) if config.run.eval_every else None
+    preloaded = preloaded_transitions(config)
     last_step = None
     try:
         while every_updates is not None:
@@ -198,7 +235,8 @@ def run_evaluator(config: Config, address: str, run_dir: Optional[Path]) -> int:
                 last_step = step
                 result = evaluator.run(params, net_state, config.run.eval_episodes)
                 if metrics is not None:
-                    metrics.write("eval", step, env_steps=inserted_steps(client), source="evaluator", **result)
+                    metrics.write("eval", step, env_steps=inserted_steps(client, preloaded), source="evaluator",
+                                  **result)
                 print(f"eval at learner step {step}: return {result['return_mean']:.2f}", flush=True)
             time.sleep(1.0)
     except Stop:
@@ -210,35 +248,40 @@ def run_evaluator(config: Config, address: str, run_dir: Optional[Path]) -> int:
 
 
 def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float = 60.0) -> int:
-    """Updates until (total_env_steps − min_size)/update_period updates are done, or
-    until no new data has arrived for `max_idle_s` (every actor has finished)."""
+    """Updates until the run's `update_budget` is done, or until no new data has
+    arrived for `max_idle_s` (every actor has finished)."""
     _install_stop_handlers()
     parts = Components(config)
     client = connect(address)
     rdir = RunDir(run_dir).create()
     metrics = MetricsWriter(rdir)
-    loop = LearningLoop(parts, metrics, env_steps=lambda: inserted_steps(client),
+    preloaded = preloaded_transitions(config)
+
+    def env_steps() -> int:
+        return inserted_steps(client, preloaded)
+
+    loop = LearningLoop(parts, metrics, env_steps=env_steps,
                         sample_items=lambda n: replay.sample_items(client, n, parts.signature()))
     learner = loop.learner
     restored = loop.restore(rdir.checkpoints)
     if restored is not None:
         metrics.write("event", learner.step, event="resumed", checkpoint=str(restored[0]),
-                      env_steps=inserted_steps(client),
+                      env_steps=env_steps(),
                       replay_size=client.server_info()[replay.REPLAY_TABLE].current_size)
     channel = ParamsChannel(client, learner.acting_params())
     channel.publish(*learner.acting_params(), learner.step)
 
     rcfg, run = config.replay, config.run
-    target = max(0, run.total_env_steps - rcfg.min_size) // rcfg.update_period
-    log_every = max(1, run.log_every // rcfg.update_period)
-    checkpoint_every = max(1, run.checkpoint_every // rcfg.update_period)
+    target = update_budget(config, preloaded)
+    log_every = max(1, run.log_every // clock_unit(config))
+    checkpoint_every = max(1, run.checkpoint_every // clock_unit(config))
     timeout_ms = 5000
 
     def new_stream():
         return replay.batch_stream(address, rcfg.batch_size, rate_limiter_timeout_ms=timeout_ms)
 
     def save() -> None:
-        loop.save(rdir.checkpoints, meta={"env_steps": inserted_steps(client)})
+        loop.save(rdir.checkpoints, meta={"env_steps": env_steps()})
 
     stream = new_stream()
     status = "completed"
@@ -269,7 +312,7 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
                 now = time.time()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, step
-                if not loop.write_train({"env_steps": inserted_steps(client), "updates_per_second": rate}):
+                if not loop.write_train({"env_steps": env_steps(), "updates_per_second": rate}):
                     status = "diverged"
                     break
             if step % checkpoint_every == 0:
@@ -281,6 +324,6 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
         channel.publish(*learner.acting_params(), learner.step)
         save()
         metrics.write("event", learner.step, event="learner_finished", status=status,
-                      env_steps=inserted_steps(client))
+                      env_steps=env_steps())
         metrics.close()
     return 0 if status in ("completed", "no_more_data", "interrupted") else 1

@@ -62,6 +62,26 @@ def prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def preloaded_transitions(config: Config) -> int:
+    """Transitions the regime's dataset puts into replay before learning starts (0 online)."""
+    if config.regime.mode == "online":
+        return 0
+    from agents.config import parse_subset
+    from agents.dataset import DatasetReader
+    mode, count = parse_subset(config.regime.subset)
+    reader = DatasetReader(config.regime.dataset, verify="none")
+    return int(reader.select(mode, count, seed=config.run.seed).sum())
+
+
+def replay_capacity(config: Config) -> int:
+    """`replay.capacity`, raised to the dataset's size where the regime loads one:
+    the whole selection must fit, or FIFO removal would drop its start."""
+    if config.regime.mode == "online":
+        return config.replay.capacity
+    from agents.dataset import DatasetReader
+    return max(config.replay.capacity, DatasetReader(config.regime.dataset, verify="none").num_transitions)
+
+
 def load_dataset_into_replay(config: Config, adder: replay.TransitionAdder, spec) -> Dict[str, Any]:
     """Inserts the regime's dataset (its subset, with its corruption) into replay."""
     from agents import dataset
@@ -101,13 +121,8 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     agent, rcfg, run, regime = config.agent, config.replay, config.run, config.regime
     offline = regime.mode == "offline"
 
-    capacity = rcfg.capacity
-    if regime.mode != "online":
-        from agents.dataset import DatasetReader
-        # The whole selected dataset must fit, or FIFO removal would drop its start.
-        capacity = max(capacity, DatasetReader(regime.dataset, verify="none").num_transitions)
     server = replay.start_server(
-        [replay.replay_table(capacity, rcfg.min_size, parts.signature())],
+        [replay.replay_table(replay_capacity(config), rcfg.min_size, parts.signature())],
         checkpoint_dir=str(run_dir.replay) if rcfg.checkpoint else None)
     client = reverb.Client(f"localhost:{server.port}")
     adder = replay.TransitionAdder(client, agent.n_step, agent.discount, parts.spec.frame_stack)

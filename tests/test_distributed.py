@@ -186,3 +186,46 @@ def test_ray_launcher_runs_a_short_job(tmp_path):
     assert train and train[-1]["step"] == 1000
     assert list(read_metrics(run_dir / "metrics.jsonl", "actor"))
     assert _has_checkpoint(run_dir)
+    assert any((run_dir / "replay").iterdir())  # the final table checkpoint, asked for at shutdown
+
+
+def test_launch_offline_and_offline_to_online(tmp_path):
+    """The replay server loads the dataset; offline, nobody acts and the learner runs
+    `total_updates`; offline-to-online, actors add their steps and the learner
+    starts at once, as `eosrl train` does in these regimes."""
+    from agents.config import load_config
+    from launch.train import train
+    data = tmp_path / "collect" / "dataset"
+    train(load_config(CONFIGS / "dqn_cartpole.yaml", [
+        "run.total_env_steps=1000", "replay.min_size=500", "run.eval_every=0", "run.eval_episodes=1",
+        "replay.checkpoint=false", f"replay.record_to={data}"]), tmp_path / "collect", progress=False)
+    common = ["--no-progress", "--set", f"regime.dataset={data}", "--set", "run.eval_episodes=1",
+              "--set", "run.log_every=100", "--set", "replay.checkpoint=false", "--set", "replay.min_size=500"]
+
+    offline = tmp_path / "offline"
+    result = subprocess.run(_eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2",
+                                   "--run-dir", str(offline), *common, "--set", "regime.mode=offline",
+                                   "--set", "regime.subset=last 600", "--set", "run.total_updates=300",
+                                   "--set", "run.eval_every=150"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [e["transitions"] for e in _events(offline, "dataset_loaded")] == [600]
+    finished = _events(offline, "learner_finished")[-1]
+    assert finished["status"] == "completed" and finished["step"] == 300 and finished["env_steps"] == 0
+    assert not list(read_metrics(offline / "metrics.jsonl", "actor")) and not (offline / "logs" / "actor_0.log").exists()
+    assert list(read_metrics(offline / "metrics.jsonl", "eval"))  # the policy is still measured
+
+    mixed = tmp_path / "o2o"
+    result = subprocess.run(_eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "1",
+                                   "--run-dir", str(mixed), *common, "--set", "regime.mode=offline_to_online",
+                                   "--set", "run.total_env_steps=400", "--set", "run.eval_every=0"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [e["transitions"] for e in _events(mixed, "dataset_loaded")] == [1000]
+    finished = _events(mixed, "learner_finished")[-1]
+    # 1000 preloaded >= min_size: an update per env step from the first one (update_period 1).
+    assert finished["status"] == "completed" and finished["step"] == 400
+    # Env steps count the actor's transitions only (an episode cut at the end leaves
+    # up to n_step - 1 of them unwritten).
+    assert 398 <= finished["env_steps"] <= 400
+    assert list(read_metrics(mixed / "metrics.jsonl", "actor"))
