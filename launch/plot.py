@@ -105,6 +105,7 @@ def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: List[float] = []
     preconditioned = False
+    thresholds: Dict[Tuple[float, ...], List[Tuple[str, object, List[float]]]] = {}
     for (name, records), color in zip(runs.items(), _colors(len(runs))):
         x, y = series(records, "probe", "step", lambda r: r.get("sharpness"))
         if not x:
@@ -113,8 +114,13 @@ def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
         ax.plot(x, y, color=color, label=f"{name} λ₁")
         tx, ty = series(records, "probe", "step", lambda r: r.get("threshold"))
         if tx:
-            ax.plot(tx, ty, color=color, ls="--", label=f"{name} threshold")
+            thresholds.setdefault(tuple(ty), []).append((name, color, tx))
         plotted += y + ty
+    # Runs with the same threshold (same optimiser and lr) share one dashed line.
+    for ty, owners in thresholds.items():
+        name, color, tx = max(owners, key=lambda o: o[2][-1] - o[2][0])  # the widest x range
+        label = f"{name} threshold" if len(owners) == 1 else "threshold (" + ", ".join(o[0] for o in owners) + ")"
+        ax.plot(tx, list(ty), color=color if len(owners) == 1 else "k", ls="--", label=label)
     if not _scale_axes(fig, ax, plotted):
         return None
     ax.set_ylabel("sharpness λ₁ of P⁻¹H (preconditioned)" if preconditioned
