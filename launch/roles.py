@@ -1,7 +1,8 @@
 """The processes of a distributed run, each started with the replay server's address:
 
   replay-server  Reverb server with the `replay` table (SampleToInsertRatio limiter)
-                 and the `params` table; checkpoints on a schedule and at shutdown
+                 and the `params` table; loads the dataset of an offline regime;
+                 checkpoints on a schedule and at shutdown
   actor          its own env and seed, ε-greedy, writes steps, reads `params`
   learner        prefetching batch stream, updates, publishes params, metrics, checkpoints
   evaluator      reads `params`, runs evaluation episodes on a schedule
