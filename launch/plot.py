@@ -105,7 +105,8 @@ def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: List[float] = []
     preconditioned = False
-    thresholds: Dict[Tuple[float, ...], List[Tuple[str, object, List[float]]]] = {}
+    # A constant threshold is keyed by its value, one that moves (an lr schedule) by its series.
+    thresholds: Dict[tuple, List[Tuple[str, object, List[float], List[float]]]] = {}
     for (name, records), color in zip(runs.items(), _colors(len(runs))):
         x, y = series(records, "probe", "step", lambda r: r.get("sharpness"))
         if not x:
@@ -114,13 +115,17 @@ def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
         ax.plot(x, y, color=color, label=f"{name} λ₁")
         tx, ty = series(records, "probe", "step", lambda r: r.get("threshold"))
         if tx:
-            thresholds.setdefault(tuple(ty), []).append((name, color, tx))
+            key = (ty[0],) if len(set(ty)) == 1 else (tuple(tx), tuple(ty))
+            thresholds.setdefault(key, []).append((name, color, tx, ty))
         plotted += y + ty
-    # Runs with the same threshold (same optimiser and lr) share one dashed line.
-    for ty, owners in thresholds.items():
-        name, color, tx = max(owners, key=lambda o: o[2][-1] - o[2][0])  # the widest x range
+    # Runs with the same constant threshold (same optimiser and lr) share one dashed line.
+    for key, owners in thresholds.items():
+        name, color, tx, ty = owners[0]
+        if len(owners) > 1:
+            tx = [min(o[2][0] for o in owners), max(o[2][-1] for o in owners)]
+            ty = [key[0], key[0]]
         label = f"{name} threshold" if len(owners) == 1 else "threshold (" + ", ".join(o[0] for o in owners) + ")"
-        ax.plot(tx, list(ty), color=color if len(owners) == 1 else "k", ls="--", label=label)
+        ax.plot(tx, ty, color=color if len(owners) == 1 else "k", ls="--", label=label)
     if not _scale_axes(fig, ax, plotted):
         return None
     ax.set_ylabel("sharpness λ₁ of P⁻¹H (preconditioned)" if preconditioned
