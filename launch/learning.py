@@ -47,10 +47,6 @@ class LearningLoop:
         self.probe_batch: Optional[Dict[str, np.ndarray]] = None  # raw items
         self._window: List[Dict[str, Any]] = []
 
-    @property
-    def step(self) -> int:
-        return self.learner.step
-
     def _fixed_probe_batch(self) -> bool:
         return self.prober is not None and self.config.probe.batch == "fixed"
 

@@ -41,15 +41,12 @@ def _role_actor(ray):
     return Role
 
 
-def _checkpoint_replay(address: str, run_dir: Path) -> str:
-    """Asks the replay server for a table checkpoint (written on its node); a
-    problem comes back as a message, not an exception, so shutdown carries on."""
+def _final_replay_checkpoint(address: str, run_dir: Path) -> str:
+    """A problem comes back as a message, not an exception, so shutdown carries on."""
     try:
         import reverb
-        from launch.train import prune_replay_checkpoints
-        saved = reverb.Client(address).checkpoint()
-        if (run_dir / "replay").is_dir():  # prune what this node can see
-            prune_replay_checkpoints(run_dir / "replay", saved)
+        from launch.roles import checkpoint_replay
+        checkpoint_replay(reverb.Client(address), run_dir / "replay")
         return ""
     except Exception as e:  # noqa: BLE001 - reported in the summary
         return f"the final replay checkpoint failed: {e}"
@@ -109,7 +106,7 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
         for handle in [evaluator, *actors]:
             ray.kill(handle, no_restart=True)
         if config.replay.checkpoint:
-            message = "; ".join(filter(None, [message, _checkpoint_replay(replay_address, Path(run_dir))]))
+            message = "; ".join(filter(None, [message, _final_replay_checkpoint(replay_address, Path(run_dir))]))
         for handle in [replay_server, learner]:
             ray.kill(handle, no_restart=True)
         ray.shutdown()

@@ -153,18 +153,22 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
         while True:
             time.sleep(1.0)
             if checkpoint_dir and time.time() - last >= d.replay_checkpoint_seconds:
-                _checkpoint_replay(client, checkpoint_dir)
+                checkpoint_replay(client, Path(checkpoint_dir))
                 last = time.time()
     except Stop:
         pass
     finally:
         if checkpoint_dir:
-            _checkpoint_replay(client, checkpoint_dir)
+            checkpoint_replay(client, Path(checkpoint_dir))
         server.stop()
 
 
-def _checkpoint_replay(client: reverb.Client, directory: str) -> None:
-    prune_replay_checkpoints(Path(directory), client.checkpoint())
+def checkpoint_replay(client: reverb.Client, directory: Path) -> None:
+    """A table checkpoint, written by the server on its own node; older ones are
+    pruned where `directory` is visible from here (a launcher may run elsewhere)."""
+    saved = client.checkpoint()
+    if directory.is_dir():
+        prune_replay_checkpoints(directory, saved)
 
 
 def actor_epsilon(config: Config, actor_id: int, num_actors: int):

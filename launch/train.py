@@ -21,7 +21,7 @@ from agents import checkpoint, networks, replay  # noqa: E402
 from agents.actor import Actor, Evaluator  # noqa: E402
 from agents.config import Config, save_config  # noqa: E402
 from agents.learner import Learner  # noqa: E402
-from envs.factory import env_spec, make_env  # noqa: E402
+from envs.factory import EnvSpec, env_spec, make_env  # noqa: E402
 from launch.learning import LearningLoop  # noqa: E402
 from launch.rundir import MetricsWriter, RunDir, sigterm_as_interrupt  # noqa: E402
 
@@ -62,15 +62,19 @@ def prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def _selection(config: Config, reader) -> np.ndarray:
+    """The mask of the transitions `regime.subset` picks from the dataset."""
+    from agents.config import parse_subset
+    mode, count = parse_subset(config.regime.subset)
+    return reader.select(mode, count, seed=config.run.seed)
+
+
 def preloaded_transitions(config: Config) -> int:
     """Transitions the regime's dataset puts into replay before learning starts (0 online)."""
     if config.regime.mode == "online":
         return 0
-    from agents.config import parse_subset
     from agents.dataset import DatasetReader
-    mode, count = parse_subset(config.regime.subset)
-    reader = DatasetReader(config.regime.dataset, verify="none")
-    return int(reader.select(mode, count, seed=config.run.seed).sum())
+    return int(_selection(config, DatasetReader(config.regime.dataset, verify="none")).sum())
 
 
 def replay_capacity(config: Config) -> int:
@@ -82,21 +86,18 @@ def replay_capacity(config: Config) -> int:
     return max(config.replay.capacity, DatasetReader(config.regime.dataset, verify="none").num_transitions)
 
 
-def load_dataset_into_replay(config: Config, adder: replay.TransitionAdder, spec) -> Dict[str, Any]:
+def load_dataset_into_replay(config: Config, adder: replay.TransitionAdder, spec: EnvSpec) -> Dict[str, Any]:
     """Inserts the regime's dataset (its subset, with its corruption) into replay."""
     from agents import dataset
-    from agents.config import parse_subset
     g = config.regime
     reader = dataset.DatasetReader(g.dataset)
     reader.check_env(config.env)
     reader.check_frames(spec.frame_shape, spec.obs_dtype)
-    num_actions = spec.num_actions
-    mode, count = parse_subset(g.subset)
-    selection = reader.select(mode, count, seed=config.run.seed)
+    selection = _selection(config, reader)
     corruption = None
     if g.corruption > 0:
         corruption = reader.corrupt(selection, g.corruption, g.corruption_field,
-                                    seed=config.run.seed, num_actions=num_actions)
+                                    seed=config.run.seed, num_actions=spec.num_actions)
     life_loss = config.env.kind == "atari" and config.env.preset == "nature"
     inserted = dataset.replay_into(reader, adder, selection=selection, corruption=corruption,
                                    clip_rewards=config.env.clip_rewards, life_loss_terminal=life_loss)
