@@ -103,7 +103,7 @@ def cmd_launch(args) -> int:
         args.set = list(args.set) + [f"distributed.num_actors={args.actors}"]
     config, path = _run_config(args, "launch")
     from agents.config import save_config
-    from launch.rundir import RunDir, route_native_logs, sigterm_as_interrupt
+    from launch.rundir import RunDir, route_native_logs, interrupt_on_stop_signals
     run_dir = RunDir(path).create()
     if not args.resume:
         save_config(config, run_dir.config)
@@ -115,7 +115,7 @@ def cmd_launch(args) -> int:
                              learner_gpus=args.learner_gpus)
     else:
         from launch.local import launch_local
-        with sigterm_as_interrupt():
+        with interrupt_on_stop_signals():
             summary = launch_local(config, run_dir.path, config.distributed.num_actors,
                                    resume=bool(args.resume), progress=not args.no_progress)
     _print_summary(summary)

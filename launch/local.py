@@ -173,7 +173,9 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
             bar = tqdm(total=config.run.total_updates if offline else config.run.total_env_steps,
                        initial=0 if offline else done_steps, unit="update" if offline else "step",
                        dynamic_ncols=True)
-        tick, tick_steps, tick_updates = time.time(), done_steps, 0
+        # Updates/s is the learner's own measure from its train records: `updates` only moves
+        # once per log interval, so a per-second difference would read 0 between records.
+        tick, tick_steps, update_rate = time.time(), done_steps, None
         while True:
             time.sleep(1.0)
             for record in tail.new_records():
@@ -181,6 +183,7 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                     last_eval = record.get("return_mean")
                 elif record.get("kind") == "train":
                     updates = record["step"]
+                    update_rate = record.get("updates_per_second", update_rate)
                 elif record.get("kind") == "actor":
                     actor_steps[record["actor"]] = record["env_steps"]
             code = learner.poll()
@@ -213,10 +216,9 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                 steps = inserted_steps(client, preloaded)
                 now = time.time()
                 sps = (steps - tick_steps) / max(now - tick, 1e-9)
-                ups = (updates - tick_updates) / max(now - tick, 1e-9)
-                tick, tick_steps, tick_updates = now, steps, updates
+                tick, tick_steps = now, steps
                 bar.update(min(updates if offline else steps, bar.total) - bar.n)
-                bar.set_postfix(sps=f"{sps:.0f}", upd_s=f"{ups:.0f}",
+                bar.set_postfix(sps=f"{sps:.0f}", upd_s=f"{update_rate:.0f}" if update_rate is not None else "-",
                                 eval=f"{last_eval:.1f}" if last_eval is not None else "-", refresh=True)
     except KeyboardInterrupt:
         status = "interrupted"

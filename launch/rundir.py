@@ -158,12 +158,16 @@ def route_native_logs(log_path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Treats SIGTERM like Ctrl-C inside the block, so both end a run the same clean way."""
+def interrupt_on_stop_signals():
+    """Inside the block SIGTERM (`kill`, a scheduler) and SIGINT (Ctrl-C, `kill -INT`) both
+    raise KeyboardInterrupt, so either ends a run the same clean way. SIGINT is set
+    explicitly: a process started in the background by a script (`eosrl launch ... &`)
+    inherits SIGINT ignored, and Python then installs no Ctrl-C handler at all."""
     def handler(signum, frame):
         raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)

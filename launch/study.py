@@ -785,10 +785,10 @@ def run_study(study_path: str | Path, parallel: int = 1, out: Optional[str | Pat
     runner.total = len(specs)
     echo(f"Study {study['name']}: {len(specs)} runs in {len(study['stages'])} stages, "
          f"{runner.parallel} at a time -> {study_dir}")
-    from launch.rundir import sigterm_as_interrupt
+    from launch.rundir import interrupt_on_stop_signals
     interrupted = False
     try:
-        with sigterm_as_interrupt():
+        with interrupt_on_stop_signals():
             for stage in dict.fromkeys(s.stage for s in specs):
                 runner.run_stage([s for s in specs if s.stage == stage])
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from agents.config import Config, save_config  # noqa: E402
 from agents.learner import Learner  # noqa: E402
 from envs.factory import EnvSpec, env_spec, make_env  # noqa: E402
 from launch.learning import LearningLoop  # noqa: E402
-from launch.rundir import MetricsWriter, RunDir, sigterm_as_interrupt  # noqa: E402
+from launch.rundir import MetricsWriter, RunDir, interrupt_on_stop_signals  # noqa: E402
 
 
 class Components:
@@ -212,7 +212,7 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         return finite
 
     try:
-        with sigterm_as_interrupt():
+        with interrupt_on_stop_signals():
             while clock() < total:
                 if offline:
                     learn()

@@ -23,10 +23,13 @@ def _eosrl(*args):
     return [sys.executable, "-m", "launch.cli", *args]
 
 
-def _start_launch(run_dir, *extra):
+def _start_launch(run_dir, *extra, sigint_ignored=False):
+    """`sigint_ignored`: start it as a script's `eosrl launch ... &` would, with SIGINT ignored."""
     cmd = _eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
                  "--no-progress", *QUICK, *extra)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore)
 
 
 def _wait_for(predicate, timeout, what):
@@ -61,6 +64,17 @@ def _events(run_dir, name):
     if not path.exists():
         return []
     return [r for r in read_metrics(path, "event") if r.get("event") == name]
+
+
+def _kill_launch(launcher, run_dir):
+    """After a failed assertion: the launcher and every role it started, so nothing
+    outlives the test and slows the rest of the suite (roles run in sessions of their own)."""
+    if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait(10)
+        for pid in _pids(run_dir).values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _has_checkpoint(run_dir):
@@ -112,7 +126,7 @@ def test_roles_started_by_address(tmp_path):
 
 def test_actor_kill_restart_then_ctrl_c_stops_everything_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
-    launcher = _start_launch(run_dir, "--set", "run.total_env_steps=200000")
+    launcher = _start_launch(run_dir, "--set", "run.total_env_steps=200000", sigint_ignored=True)
     try:
         _wait_for(lambda: "actor_0" in _pids(run_dir), 120, "actors to start")
         _wait_for(lambda: _has_checkpoint(run_dir), 240, "a first checkpoint")
@@ -127,8 +141,7 @@ def test_actor_kill_restart_then_ctrl_c_stops_everything_and_resume_continues(tm
         launcher.wait(timeout=30)
         assert time.time() - started < 15
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        _kill_launch(launcher, run_dir)
     assert all(not _alive(pid) for pid in pids.values()), pids
     last = checkpoint.latest(run_dir / "checkpoints")
     saved_step = checkpoint.read_meta(last)["learner_step"]
@@ -157,8 +170,7 @@ def test_learner_death_stops_run_with_message(tmp_path):
         os.kill(pids["learner"], signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=60)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        _kill_launch(launcher, run_dir)
     assert launcher.returncode == 1
     assert "learner exited" in stderr and "--resume" in stderr
     assert all(not _alive(pid) for pid in pids.values())
