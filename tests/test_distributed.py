@@ -27,9 +27,13 @@ def _start_launch(run_dir, *extra, sigint_ignored=False):
     """`sigint_ignored`: start it as a script's `eosrl launch ... &` would, with SIGINT ignored."""
     cmd = _eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
                  "--no-progress", *QUICK, *extra)
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=ignore)
+    # An ignored disposition survives exec, so the child starts with it as from a shell.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+    try:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _wait_for(predicate, timeout, what):
