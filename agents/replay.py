@@ -34,13 +34,16 @@ import tensorflow as tf  # noqa: E402
 from agents.learner import Transition  # noqa: E402
 
 REPLAY_TABLE = "replay"
-ITEM_FIELDS = ("action", "discount", "next_obs", "obs", "reward")  # flat order of the signature
+# The signature's fields in its flat order (sorted keys, as tree.flatten orders a dict),
+# and which of them are one squeezed cell (a scalar) rather than a sequence of frames.
+ITEM_FIELDS = ("action", "discount", "next_obs", "obs", "reward")
+_SQUEEZED = [field not in ("obs", "next_obs") for field in ITEM_FIELDS]
 PARAMS_TABLE = "params"
 
 
 def item_signature(frame_shape: Sequence[int], frame_dtype, frame_stack: int) -> Dict[str, tf.TensorSpec]:
     obs = tf.TensorSpec((frame_stack,) + tuple(frame_shape), tf.as_dtype(np.dtype(frame_dtype)))
-    return {  # keys as in ITEM_FIELDS
+    return {
         "obs": obs,
         "action": tf.TensorSpec((), tf.int32),
         "reward": tf.TensorSpec((), tf.float32),
@@ -110,7 +113,6 @@ class TransitionAdder:
         self._cells = self._writer._writer  # dm-reverb 0.14's pybind TrajectoryWriter
         # Cell references of the newest frames; the oldest an item uses is n + stack - 1 back.
         self._frames: Deque = collections.deque(maxlen=n_step + frame_stack)
-        self._transition_refs: Sequence = (None, None, None)  # cells of the newest row's transition
         self._row = -1                    # step index t of the last observation in this episode
         self._actions: List[int] = []
         self._rewards: List[float] = []
@@ -120,12 +122,13 @@ class TransitionAdder:
     def _frame(self, obs: np.ndarray) -> np.ndarray:
         return obs[..., -1] if self._stack > 1 else obs
 
-    def _append(self, frame: Optional[np.ndarray], transition: Sequence = (None, None, None)) -> None:
-        """One row: a frame and/or the (action, n-step return, discount) of a transition."""
+    def _append(self, frame: Optional[np.ndarray], transition: Sequence = (None, None, None)) -> List[Any]:
+        """One row: a frame and/or the (action, n-step return, discount) of a transition;
+        returns the cells of the transition's three fields."""
         refs = self._cells.Append([frame, *transition])
         if frame is not None:
             self._frames.append(refs[0])
-        self._transition_refs = refs[1:]
+        return refs[1:]
 
     def _stack_refs(self, t: int) -> List[Any]:
         """Cells of the frames of the observation at step t: rows t .. t+stack-1 counting the
@@ -149,14 +152,12 @@ class TransitionAdder:
             scale *= self._gamma * self._continues[t]
         return np.float32(ret), np.float32(scale)
 
-    def _create_item(self, start: int, end: int) -> None:
-        action, reward, discount = self._transition_refs
-        columns = {"obs": self._stack_refs(start), "action": [action], "reward": [reward],
-                   "discount": [discount], "next_obs": self._stack_refs(end)}
-        # Flat in the signature's order (sorted keys, as tree.flatten orders a dict); a
-        # squeezed column is one cell read as the field itself, not a length-1 sequence.
-        self._cells.CreateItem(self._table, 1.0, [columns[key] for key in ITEM_FIELDS],
-                               [key not in ("obs", "next_obs") for key in ITEM_FIELDS])
+    def _create_item(self, start: int, end: int, transition: List[Any]) -> None:
+        """The item from step `start` to step `end`, with the cells `_append` returned."""
+        action, reward, discount = transition
+        # In ITEM_FIELDS order: action, discount, next_obs, obs, reward.
+        self._cells.CreateItem(self._table, 1.0, [[action], [discount], self._stack_refs(end),
+                                                  self._stack_refs(start), [reward]], _SQUEEZED)
         self.items_written += 1
         # Waiting on every item would cost a server round trip per env step; every
         # half-window keeps at most max_in_flight items unconfirmed all the same.
@@ -183,17 +184,18 @@ class TransitionAdder:
         # A terminal inside the window makes later frames irrelevant, but the
         # bootstrap discount is then 0, so the same item layout stays correct.
         if start >= 0:
-            self._append(self._frame(next_obs), (np.int32(self._actions[start]),
-                                                 *self._n_step(start, self._row)))
-            self._create_item(start, self._row)
+            transition = self._append(self._frame(next_obs), (np.int32(self._actions[start]),
+                                                              *self._n_step(start, self._row)))
+            self._create_item(start, self._row, transition)
         else:
             self._append(self._frame(next_obs))
         if episode_over:
             # Transitions that started fewer than n steps before the end bootstrap
             # (or not, after a terminal) from the final observation.
             for start in range(max(0, self._row - self._n + 1), self._row):
-                self._append(None, (np.int32(self._actions[start]), *self._n_step(start, self._row)))
-                self._create_item(start, self._row)
+                transition = self._append(None, (np.int32(self._actions[start]),
+                                                 *self._n_step(start, self._row)))
+                self._create_item(start, self._row, transition)
             self._wait(0)
             self._writer.end_episode(clear_buffers=True)
             self._row = -1

@@ -28,6 +28,7 @@ def _stacked_obs(frames, t, stack):
 def test_n_step_returns_and_frame_stacks(terminal):
     stack, n, gamma, length = 4, 3, 0.9, 6
     server, client, sig = _server((2, 2), np.uint8, stack)
+    assert tuple(sorted(sig)) == replay.ITEM_FIELDS  # the order the adder hands its columns in
     adder = replay.TransitionAdder(client, n_step=n, discount=gamma, frame_stack=stack)
     frames = [np.full((2, 2), 10 * t + 1, np.uint8) for t in range(length + 1)]
     rewards = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
