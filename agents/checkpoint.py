@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -61,8 +62,28 @@ def list_checkpoints(directory: str | Path) -> List[Path]:
 
 
 def latest(directory: str | Path) -> Optional[Path]:
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
+    """The newest checkpoint that reads back whole. A newer one that does not (a disk that
+    filled, a copy cut short) is passed over with a warning on stderr naming it, so a
+    run resumes from the last good state rather than refusing to."""
+    for path in reversed(list_checkpoints(directory)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        print(f"eosrl: warning: {problem}; falling back to an older checkpoint", file=sys.stderr)
+    return None
+
+
+def verify(path: str | Path) -> Optional[str]:
+    """None if every array of the checkpoint reads back (zip CRCs included), else what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                data[key]
+            if "__meta__" in data.files:
+                json.loads(bytes(data["__meta__"]).decode() or "{}")
+    except Exception as e:  # zipfile/ValueError/OSError/JSON: all mean an unusable file
+        return f"{path}: not a readable eosrl checkpoint ({e})"
+    return None
 
 
 def read_meta(path: str | Path) -> dict:

@@ -7,6 +7,8 @@ overrides any field. Unknown keys, wrong types and impossible values raise
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +148,10 @@ class RunConfig:
     """Learner updates of an `offline` regime. In offline runs eval_every, checkpoint_every
     and log_every count learner updates, since no env steps are taken."""
     seed: int = 0
-    """Seed of env, network initialisation, exploration and sampling."""
+    """Seed of the envs, network initialisation, ε-greedy exploration, evaluation episodes and
+    the dataset subset and corruption. Not of replay sampling: Reverb's selectors draw from an
+    unseeded generator in C++, so two runs with one seed match until the first sampled batch
+    and differ after it (README, Reproducibility)."""
     eval_every: int = 10_000
     """Env steps between evaluations (0 disables periodic evaluation; a final one always runs)."""
     eval_episodes: int = 10
@@ -198,8 +203,6 @@ class DistributedConfig:
     """Learner updates between writes of the parameters to the `params` table."""
     max_actor_restarts: int = 3
     """Restarts the local launcher grants each actor that dies before giving up on it."""
-    replay_checkpoint_seconds: int = 600
-    """Seconds between Reverb checkpoints of the replay server (also taken at shutdown)."""
     error_buffer: float = 0.0
     """Slack of the SampleToInsertRatio limiter in samples (0: ten updates' worth, at least 100)."""
 
@@ -232,6 +235,7 @@ class Config:
     regime: RegimeConfig = field(default_factory=RegimeConfig)
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 ENV_KINDS = ("atari", "minatar", "gym")
 AGENT_KINDS = ("dqn", "c51")
 NETWORKS = ("auto", "mlp", "minatar_cnn", "nature_cnn")
@@ -383,7 +387,8 @@ def _one_of(key: str, value: str, valid) -> None:
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # `not value >= 0` also catches NaN, which passes every ordered comparison's negation.
+    if not value >= 0 or (value == 0 and not allow_zero) or value == math.inf:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}: must be {bound}, got {value}")
 
@@ -472,7 +477,6 @@ def validate(c: Config) -> None:
     _positive("distributed.param_refresh_steps", d.param_refresh_steps)
     _positive("distributed.publish_every", d.publish_every)
     _positive("distributed.max_actor_restarts", d.max_actor_restarts, allow_zero=True)
-    _positive("distributed.replay_checkpoint_seconds", d.replay_checkpoint_seconds)
     _positive("distributed.error_buffer", d.error_buffer, allow_zero=True)
     if not 0.0 < d.apex_epsilon < 1.0:
         raise ConfigError(f"distributed.apex_epsilon: must be in (0, 1), got {d.apex_epsilon}")
@@ -486,5 +490,6 @@ def validate(c: Config) -> None:
         raise ConfigError(f"regime.dataset: regime.mode {g.mode} needs the path of a dataset")
     if g.mode == "offline" and u.total_updates <= 0:
         raise ConfigError("run.total_updates: an offline regime needs a budget of learner updates > 0")
-    if not c.name or "/" in c.name:
-        raise ConfigError(f"name: must be a non-empty name without '/', got {c.name!r}")
+    if not RUN_NAME.fullmatch(c.name) or c.name in (".", ".."):
+        # The name becomes runs/<name>, which --overwrite may delete: it must stay inside runs/.
+        raise ConfigError(f"name: must be letters, digits, '_', '-' or '.' (not '.' or '..'), got {c.name!r}")

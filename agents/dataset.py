@@ -22,13 +22,16 @@ observation and no action. Nothing is pickled: shards are `.npz` read with
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -893,18 +896,29 @@ def replay_into(reader: DatasetReader, adder: Any, selection: Optional[np.ndarra
 # ----------------------------------------------------------------------------
 # Importing the DQN Replay Dataset (Dopamine replay logs).
 #
-# The dataset was logged by batch_rl's OutOfGraphLoggedReplayBuffer: Dopamine's circular
-# buffer of `cap` rows (row = add_count % cap), saved whenever add_count % cap == cap - 1,
-# i.e. with the cursor at row cap-1. A checkpoint's rows 0..cap-2 are thus that cycle's
-# adds in order, and its row cap-1 holds the add made just after the previous checkpoint
-# was saved: chronologically it comes first (in checkpoint 0 it was never written). The
-# final log (`log_final_buffer`) saves the cursor c as add_count: new rows are cap-1
-# (after a previous cycle) then 0..c-1.
+# Dopamine's replay buffer is circular: its add number a (zero padding rows count) goes to
+# row a % cap, so a save taken after A adds holds adds max(0, A - cap) .. A - 1, the oldest
+# on row A % cap once the buffer has wrapped. A save stores A as `add_count`, except:
+# * The dataset was written by batch_rl's OutOfGraphLoggedReplayBuffer, which saves ("logs")
+#   after an add() call that leaves A % cap == cap - 1. A call whose padding rows pass that
+#   point (a padding row on row cap - 2) skips the log: the checkpoint numbers stay
+#   consecutive while the add counts jump by 2 cap, and the first log can come at 2 cap - 1.
+# * Its final log (`log_final_buffer`) stores the cursor A % cap instead of A, so A is known
+#   from the previous checkpoint only, up to a multiple of cap. The smallest candidate is the
+#   right one exactly when the rows both saves hold are unchanged, which the importer
+#   compares; any other means logs were skipped in between. A run logs nothing after it.
+# Dopamine's own `save` (a checkpoint each iteration) stores the true A at any cursor and
+# fill level. Given A for two saves, the later one's rows continue the earlier one's exactly
+# when no add between them was overwritten (A2 - cap <= A1); it holds the shared rows again.
 
 DQN_REPLAY_STACK = 4
 DQN_REPLAY_LAYOUTS = ("logged", "chronological")
 _STORE_FILE = re.compile(r"^\$store\$_(observation|action|reward|terminal)_ckpt\.(\d+)\.gz$")
 _STORE_KEYS = ("observation", "action", "reward", "terminal")
+_SMALL_KEYS = ("action", "reward", "terminal")
+# Where two checkpoints hold the same rows, all their actions, rewards and terminals are
+# compared, and this many of the newest frames (kept in memory from the earlier one).
+_COMPARED_FRAMES = 64
 
 
 def _store_path(src: Path, key: str, checkpoint: int) -> Path:
@@ -957,17 +971,6 @@ class _NpyRows:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _last_row(path: Path, chunk_rows: int) -> np.ndarray:
-    """The last row of a gzipped `.npy`: gzip has no random access, so this decompresses it all."""
-    rows = _NpyRows(path)
-    try:
-        for chunk in rows.chunks(rows.shape[0], chunk_rows):
-            last = chunk[-1].copy()
-        return last
-    finally:
-        rows.close()
 
 
 class _DopamineEpisodes:
@@ -1041,96 +1044,273 @@ def dqn_replay_checkpoints(src_dir: Union[str, Path]) -> List[int]:
 
 
 @dataclass
-class _CheckpointOrder:
-    """Chronological order of a checkpoint's rows: `head` (if any), then rows 0..body-1."""
+class _CheckpointPlan:
+    """How one checkpoint's rows are imported, decided from add counts before any row is read."""
 
-    head: Optional[int]
-    body: int
-    add_count: Optional[int]  # of a full (regular) log; None for a final log or chronological layout
+    checkpoint: int
+    rows: int                        # rows of its store files: the buffer's capacity
+    segments: List[Tuple[int, int]]  # row ranges [lo, hi) holding its adds, oldest first
+    overlap: int                     # leading rows of `segments` the previous checkpoint also held
+    link: str                        # "start": the buffer began empty here; "continue": its first new row
+    #                                  follows the previous checkpoint's last; "join": begin at its
+    #                                  first episode start (a gap before it, or the import begins mid-run)
+    add_count: Optional[int]         # adds made when it was saved; None when unknown
+    stored: Optional[int]            # its add_count file's value (None: chronological layout)
+    final: bool                      # a final log: changed shared rows mean skipped logs (join), and
+    #                                  nothing may follow it
+
+    def order(self) -> np.ndarray:
+        """Its rows, oldest first."""
+        return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in self.segments])
 
 
-def _checkpoint_order(src: Path, checkpoint: int, n: int, layout: str) -> _CheckpointOrder:
-    if layout == "chronological":
-        return _CheckpointOrder(None, n, None)
+def _stored_add_count(src: Path, checkpoint: int, n: int) -> Tuple[int, Path]:
+    """The checkpoint's add_count and the file it comes from."""
     path = src / f"add_count_ckpt.{checkpoint}.gz"
-    # Without the file, assume checkpoint N is the N-th full log, as batch_rl numbers them.
-    add_count = int(_load_small(path)) if path.is_file() else checkpoint * n + n - 1
-    if add_count % n == n - 1:
-        return _CheckpointOrder(n - 1 if add_count >= 2 * n - 1 else None, n - 1, add_count)
-    if add_count < n:  # log_final_buffer stores the cursor as add_count
-        return _CheckpointOrder(n - 1 if checkpoint >= 1 else None, add_count, None)
-    raise DatasetError(f"{path}: add_count {add_count} fits neither a full nor a final log of a {n}-row buffer")
+    if not path.is_file():  # batch_rl numbers its logs: take checkpoint N to be the N-th full one
+        return checkpoint * n + n - 1, _store_path(src, "observation", checkpoint)
+    value = _load_small(path)
+    if value.size != 1 or value.dtype.kind not in "iu" or int(value.reshape(())) < 0:
+        raise DatasetError(f"{path}: expected a non-negative integer, got {value.dtype} of shape {value.shape}")
+    return int(value.reshape(())), path
 
 
-def _read_checkpoint(src: Path, checkpoint: int, frame_spec: Optional[tuple]) -> Tuple[Dict[str, np.ndarray], _NpyRows]:
-    """The checkpoint's action/reward/terminal arrays and its open observation stream, checked."""
-    small = {key: _load_small(_store_path(src, key, checkpoint)) for key in ("action", "reward", "terminal")}
-    observations = _NpyRows(_store_path(src, "observation", checkpoint))
+def _saved_rows(count: int, n: int) -> List[Tuple[int, int]]:
+    """The rows holding a save's adds, oldest first: 0..count-1 until the buffer wrapped,
+    then from the cursor on round the buffer."""
+    if count <= n:
+        return [(0, count)]
+    cursor = count % n
+    return [(cursor, n), (0, cursor)] if cursor else [(0, n)]
+
+
+def _plan_logged(src: Path, checkpoint: int, n: int, previous: Optional[_CheckpointPlan]) -> _CheckpointPlan:
+    """A checkpoint of Dopamine saves (batch_rl logs or Dopamine's own), linked to the previous
+    imported one by add counts; see the comment above."""
+    stored, path = _stored_add_count(src, checkpoint, n)
+    if previous is not None and previous.final:
+        raise DatasetError(f"{path}: checkpoint {checkpoint} follows checkpoint {previous.checkpoint}, a final log "
+                           f"(its add_count {previous.stored} is the cursor); a run logs nothing after it")
+    if previous is not None and previous.rows != n:
+        raise DatasetError(f"{path}: a {n}-row buffer, checkpoint {previous.checkpoint}'s has {previous.rows} rows")
+    if stored < n and previous is None and checkpoint > 0:
+        # Read alone, a final log after at least one full cycle: its rows newer than the
+        # run's last full log are cap-1, then 0..cursor-1.
+        return _CheckpointPlan(checkpoint, n, [(n - 1, n), (0, stored)], 0, "join", None, stored, True)
+    if previous is None:  # the buffer began empty in this save if it holds add 0
+        count = stored
+        return _CheckpointPlan(checkpoint, n, _saved_rows(count, n), 0, "start" if count <= n else "join",
+                               count, stored, False)
+    # A cursor (stored < n) stands for the smallest add count it allows after the previous save.
+    count = stored if stored >= n else previous.add_count + (stored - previous.add_count) % n
+    if count < previous.add_count:
+        raise DatasetError(f"{path}: add_count {stored} is below checkpoint {previous.checkpoint}'s "
+                           f"{previous.add_count}: not the same run, or not in order")
+    shared = previous.add_count - max(count - n, 0)  # < 0: the adds in between are in neither save
+    return _CheckpointPlan(checkpoint, n, _saved_rows(count, n), max(shared, 0),
+                           "continue" if shared >= 0 else "join", count, stored, count != stored)
+
+
+def _plan_chronological(checkpoint: int, n: int, previous: Optional[_CheckpointPlan]) -> _CheckpointPlan:
+    """Rows 0..n-1 as they are; consecutive checkpoint numbers continue each other."""
+    if previous is None:
+        link = "start" if checkpoint == 0 else "join"
+    else:
+        link = "continue" if checkpoint == previous.checkpoint + 1 else "join"
+    return _CheckpointPlan(checkpoint, n, [(0, n)], 0, link, None, None, False)
+
+
+def _check_files(src: Path, checkpoint: int, frame_spec: Optional[tuple]) -> Tuple[int, tuple]:
+    """The checkpoint's row count and frame spec, from its store files' headers (checked to agree)."""
+    headers = {}
+    for key in _STORE_KEYS:
+        headers[key] = _NpyRows(_store_path(src, key, checkpoint))
+        headers[key].close()
+    observations = headers["observation"]
     n, spec = observations.shape[0], (tuple(observations.shape[1:]), observations.dtype)
-    problem = None
     if frame_spec is not None and spec != frame_spec:
-        problem = (observations.path, f"frames of shape {spec[0]} {spec[1]}, earlier checkpoints had "
-                                      f"{frame_spec[0]} {frame_spec[1]}")
-    for key, array in small.items():
-        if problem is None and array.shape != (n,):
-            problem = (_store_path(src, key, checkpoint), f"shape {array.shape}, the observations have {n} rows")
-    if problem is not None:
-        observations.close()
-        raise DatasetError(f"{problem[0]}: {problem[1]}")
-    return small, observations
+        raise DatasetError(f"{observations.path}: frames of shape {spec[0]} {spec[1]}, earlier checkpoints had "
+                           f"{frame_spec[0]} {frame_spec[1]}")
+    if n < DQN_REPLAY_STACK:
+        raise DatasetError(f"{observations.path}: {n} rows, too few for a buffer of {DQN_REPLAY_STACK}-frame stacks")
+    for key in _SMALL_KEYS:
+        if tuple(headers[key].shape) != (n,):
+            raise DatasetError(f"{headers[key].path}: shape {headers[key].shape}, the observations have {n} rows")
+    return n, spec
 
 
-def _import_checkpoint(src: Path, checkpoint: int, convert: _DopamineEpisodes, order: _CheckpointOrder,
-                       small: Dict[str, np.ndarray], observations: _NpyRows, num_actions: int,
-                       chunk_rows: int) -> int:
-    """Feeds one checkpoint's rows in chronological order; returns how many were read."""
-    head = [order.head] if order.head is not None else []
-    actions = small["action"].astype(np.int64)
-    used = np.concatenate([actions[head], actions[:order.body]])  # never the unwritten rows
-    if len(used) and (used.min() < 0 or used.max() >= num_actions):
-        raise DatasetError(f"{_store_path(src, 'action', checkpoint)}: actions outside [0, {num_actions})")
-    rewards, terminals = small["reward"].astype(np.float64), small["terminal"] != 0
-
-    def feed(frame, i):
-        convert.row(frame, int(actions[i]), float(rewards[i]), bool(terminals[i]), f"{observations.path} row {i}")
-
-    if order.head is not None:
-        # Skipping rows needs only their terminal flags: spare the extra decompression.
-        frame = _last_row(observations.path, chunk_rows) if convert.needs_frames else None
-        feed(frame, order.head)
-    i = 0
-    for frames in observations.chunks(order.body, chunk_rows):
-        for frame in frames:
-            feed(frame, i)
-            i += 1
-    return order.body + (order.head is not None)
+def _plan_import(src: Path, checkpoints: List[int], layout: str) -> Tuple[List[_CheckpointPlan], tuple]:
+    """Every checkpoint's plan and the frame spec, so that what the files' headers and add
+    counts already refuse is refused before the destination is touched."""
+    plans: List[_CheckpointPlan] = []
+    frame_spec = None
+    for checkpoint in checkpoints:
+        n, frame_spec = _check_files(src, checkpoint, frame_spec)
+        previous = plans[-1] if plans else None
+        plans.append(_plan_chronological(checkpoint, n, previous) if layout == "chronological"
+                     else _plan_logged(src, checkpoint, n, previous))
+    return plans, frame_spec
 
 
-def import_dqn_replay(src_dir: Union[str, Path], dst_dir: Union[str, Path], checkpoints: Optional[List[int]] = None,
-                      env_id: str = "Pong", *, num_actions: Optional[int] = None, layout: str = "logged",
-                      shard_size: int = DEFAULT_SHARD_SIZE, chunk_rows: int = 10_000,
-                      compress: bool = True) -> Dict[str, Any]:
-    """Converts Dopamine replay logs of one game/run (`$store$_*_ckpt.N.gz`) into a dataset
-    (atari, `env_id`, preset dopamine, frame_stack 4), one checkpoint at a time; returns
-    the provenance record also stored as `source` in meta.json.
+class _CheckpointFeed:
+    """Feeds one checkpoint's new rows, oldest first, to the converter.
 
-    `layout="logged"` reads checkpoints as batch_rl's logger wrote the DQN Replay Dataset
-    (see the comment above; `add_count_ckpt.N.gz` is used when present);
-    `"chronological"` takes rows 0..n-1 as they are. Consecutive checkpoints continue each
-    other's episodes; a checkpoint that does not continue the previous imported one starts
-    at its first episode start (earlier rows are skipped), and an episode whose successor
-    checkpoint is not imported is cut at its last observation (its last step is dropped).
-    Rewards are stored as logged, i.e. clipped to [-1, 1] by Dopamine's runner
-    (`rewards_clipped: true`); `terminal == 1` (game over or Dopamine's episode cap)
-    becomes a terminal. `num_actions` defaults to the env's minimal action set (needs ale-py).
-
-    Memory: a checkpoint's action, reward and terminal arrays whole (~9 MB for 1M steps),
-    `chunk_rows` observation frames (70 MB at 10k 84x84 frames), and the writer's open
-    shard (`shard_size` frames: 0.7 GB at 100k). A checkpoint that continues the previous
-    one is decompressed twice (once for its out-of-order row cap-1).
+    Rows the previous checkpoint also held (the plan's overlap) are compared with it, not
+    fed: all their actions, rewards and terminals up front, and the newest
+    `_COMPARED_FRAMES` frames as they stream by. The converter is linked to what came
+    before (episode start, continuation, or a join at the next episode start) at the first
+    new row, once the comparison is complete. The newest frames are kept for the next
+    checkpoint's comparison.
     """
-    if layout not in DQN_REPLAY_LAYOUTS:
-        raise DatasetError(f"layout: unknown value {layout!r} (valid: {', '.join(DQN_REPLAY_LAYOUTS)})")
+
+    def __init__(self, src: Path, plan: _CheckpointPlan, previous: Optional["_CheckpointFeed"],
+                 convert: _DopamineEpisodes, num_actions: int):
+        self.plan, self._previous, self._convert = plan, previous, convert
+        self.path = _store_path(src, "observation", plan.checkpoint)
+        self.small = {key: _load_small(_store_path(src, key, plan.checkpoint)) for key in _SMALL_KEYS}
+        for key, array in self.small.items():
+            if array.shape != (plan.rows,):
+                raise DatasetError(f"{_store_path(src, key, plan.checkpoint)}: shape {array.shape}, "
+                                   f"the observations have {plan.rows} rows")
+        self._order = plan.order()
+        actions = self.small["action"][self._order].astype(np.int64)  # never the unwritten rows
+        if len(actions) and (actions.min() < 0 or actions.max() >= num_actions):
+            raise DatasetError(f"{_store_path(src, 'action', plan.checkpoint)}: actions outside [0, {num_actions})")
+        self._terminals = self.small["terminal"][self._order] != 0
+        # "<file>: row r" of the first shared row that differs from the previous checkpoint's
+        self.mismatch = self._compare_small(src)
+        self.tail: List[np.ndarray] = []  # the newest frames, oldest first
+        self.joined = False
+        self._linked = False
+        self._position = 0
+
+    def _compare_small(self, src: Path) -> Optional[str]:
+        if not self.plan.overlap:
+            return None
+        shared = self._order[:self.plan.overlap]
+        for key in _SMALL_KEYS:
+            differ = np.flatnonzero(self.small[key][shared] != self._previous.small[key][shared])
+            if len(differ):
+                return f"{_store_path(src, key, self.plan.checkpoint)}: row {shared[differ[0]]}"
+        return None
+
+    def run(self, chunk_rows: int) -> int:
+        """Feeds the checkpoint; returns how many new rows it had."""
+        first = 0
+        for lo, hi in self.plan.segments:
+            frames = self._frames(lo, hi, first, chunk_rows)
+            try:
+                for row, frame in zip(range(lo, hi), frames):
+                    self._row(row, frame)
+            finally:
+                frames.close()
+            first += hi - lo
+        if not self._linked:
+            self._link()
+        self._previous = None  # the next checkpoint compares with this one only
+        return len(self._order) - self.plan.overlap
+
+    def _frames(self, lo: int, hi: int, first: int, chunk_rows: int) -> Iterator[Optional[np.ndarray]]:
+        """Frames of rows lo..hi-1 (at positions first..), or None where none is needed."""
+        if not self._needs_frames(first, first + hi - lo):
+            yield from itertools.repeat(None, hi - lo)
+            return
+        rows = _NpyRows(self.path)
+        try:
+            for _ in rows.chunks(lo, chunk_rows):  # gzip has no random access: decompress the rows before
+                pass
+            for chunk in rows.chunks(hi - lo, chunk_rows):
+                yield from chunk
+        finally:
+            rows.close()
+
+    def _needs_frames(self, first: int, end: int) -> bool:
+        """Whether positions first..end-1 need frames: to compare, to keep for the next
+        checkpoint, or to feed anything but rows skipped up to an episode start."""
+        overlap, total = self.plan.overlap, len(self._order)
+        if self.mismatch is None and first < overlap and end > overlap - self._compared_frames():
+            return True
+        if end > total - _COMPARED_FRAMES:
+            return True
+        fed = max(first, overlap)
+        if fed >= end:
+            return False
+        if self._linked:
+            skipping = not self._convert.needs_frames
+        elif self.mismatch is not None or self.plan.link == "join":
+            skipping = True
+        else:
+            skipping = self.plan.link == "continue" and not self._convert.needs_frames
+        # Skipping lasts up to a terminal; the padding rows after it are checked on their frames.
+        return not skipping or bool(self._terminals[fed:end - 1].any())
+
+    def _compared_frames(self) -> int:
+        kept = len(self._previous.tail) if self._previous is not None else 0
+        return min(_COMPARED_FRAMES, self.plan.overlap, kept)
+
+    def _row(self, row: int, frame: Optional[np.ndarray]) -> None:
+        position = self._position
+        self._position += 1
+        if position < self.plan.overlap:
+            self._compare_frame(position, row, frame)
+        else:
+            if not self._linked:
+                self._link()
+            self._convert.row(frame, int(self.small["action"][row]), float(self.small["reward"][row]),
+                              bool(self._terminals[position]), f"{self.path} row {row}")
+        if position >= len(self._order) - _COMPARED_FRAMES:
+            self.tail.append(np.array(frame))  # a copy, so the chunk it views is let go
+
+    def _compare_frame(self, position: int, row: int, frame: Optional[np.ndarray]) -> None:
+        kept = self._previous.tail if self._previous is not None else []
+        index = position - self.plan.overlap + len(kept)  # the same add in the previous checkpoint
+        if self.mismatch is None and frame is not None and index >= 0 and not np.array_equal(frame, kept[index]):
+            self.mismatch = f"{self.path}: row {row}"
+
+    def _link(self) -> None:
+        self._linked = True
+        plan = self.plan
+        if self.mismatch is not None and not plan.final:
+            before = self._previous.plan
+            raise DatasetError(f"{self.mismatch} differs from checkpoint {before.checkpoint}, although the add "
+                               f"counts ({before.add_count}, then {plan.add_count}) say that save left it unchanged: "
+                               f"not the same run?")
+        if self.mismatch is not None or plan.link == "join":
+            # Logs were skipped before this final one, there is a gap, or the import begins
+            # mid-run: rows up to the next episode start have no known predecessor.
+            self.joined = True
+            self._convert.cut()
+        elif plan.link == "start":
+            self._convert.expect_episode_start()
+
+
+@contextlib.contextmanager
+def _undone_on_error(path: Path) -> Iterator[None]:
+    """Removes what the block wrote at `path` if it raises: the directories it created, or,
+    where `path` already was a directory, the entries it added. A refused import leaves no
+    half-written dataset behind."""
+    path = Path(os.path.abspath(path))
+    created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
+    if created is None and not path.is_dir():
+        raise DatasetError(f"{path}: exists and is not a directory")
+    before = set(os.listdir(path)) if created is None else set()
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for name in set(os.listdir(path)) - before:
+                entry = path / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise
+
+
+def _find_checkpoints(src_dir: Union[str, Path], checkpoints: Optional[List[int]]) -> Tuple[Path, List[int]]:
+    """The replay_logs directory (`src_dir` or its `replay_logs`) and the checkpoints to import, all present."""
     src = Path(src_dir)
     if not dqn_replay_checkpoints(src) and dqn_replay_checkpoints(src / "replay_logs"):
         src = src / "replay_logs"
@@ -1141,48 +1321,70 @@ def import_dqn_replay(src_dir: Union[str, Path], dst_dir: Union[str, Path], chec
         for key in _STORE_KEYS:
             if not _store_path(src, key, checkpoint).is_file():
                 raise DatasetError(f"{_store_path(src, key, checkpoint)}: missing (checkpoint {checkpoint})")
+    return src, checkpoints
+
+
+def import_dqn_replay(src_dir: Union[str, Path], dst_dir: Union[str, Path], checkpoints: Optional[List[int]] = None,
+                      env_id: str = "Pong", *, num_actions: Optional[int] = None, layout: str = "logged",
+                      shard_size: int = DEFAULT_SHARD_SIZE, chunk_rows: int = 10_000,
+                      compress: bool = True) -> Dict[str, Any]:
+    """Converts Dopamine replay logs of one game/run (`$store$_*_ckpt.N.gz`) into a dataset
+    (atari, `env_id`, preset dopamine, frame_stack 4), one checkpoint at a time; returns
+    the provenance record also stored as `source` in meta.json.
+
+    `layout="logged"` reads checkpoints as Dopamine saved them (batch_rl's logs of the DQN
+    Replay Dataset, or Dopamine's own saves; see the comment above), using
+    `add_count_ckpt.N.gz` when present: a checkpoint continues the previous imported one
+    when no add in between was lost, and only its new rows are imported; the rows it
+    shares with the previous one are compared, and must be unchanged (for a final log,
+    changed rows mean skipped logs). `"chronological"` takes rows 0..n-1 as they are, and
+    consecutive numbers as continuing each other. A checkpoint that does not continue the
+    previous imported one (nor begins the run) starts at its first episode start (earlier
+    rows are skipped), and an episode whose continuation is not imported is cut at its last
+    observation (its last step is dropped). Nothing may follow a final log. Rewards are
+    stored as logged, i.e. clipped to [-1, 1] by Dopamine's runner (`rewards_clipped:
+    true`); `terminal == 1` (game over or Dopamine's episode cap) becomes a terminal.
+    `num_actions` defaults to the env's minimal action set (needs ale-py).
+
+    A refused import raises `DatasetError` (one line naming the file) and leaves `dst_dir`
+    as it was: removed if this import created it.
+
+    Memory: a checkpoint's action, reward and terminal arrays whole (~9 MB for 1M steps),
+    `chunk_rows` observation frames (70 MB at 10k 84x84 frames), and the writer's open
+    shard (`shard_size` frames: 0.7 GB at 100k). A checkpoint whose oldest row is not row 0
+    is decompressed twice (gzip has no random access).
+    """
+    if layout not in DQN_REPLAY_LAYOUTS:
+        raise DatasetError(f"layout: unknown value {layout!r} (valid: {', '.join(DQN_REPLAY_LAYOUTS)})")
+    src, checkpoints = _find_checkpoints(src_dir, checkpoints)
     env = {"kind": "atari", "id": env_id, "preset": "dopamine"}
     if num_actions is None:
         from types import SimpleNamespace
 
         from envs.factory import env_spec
         num_actions = env_spec(SimpleNamespace(**env, max_episode_frames=108_000)).num_actions
-    first = _NpyRows(_store_path(src, "observation", checkpoints[0]))
-    frame_spec = (tuple(first.shape[1:]), first.dtype)
-    first.close()
+    plans, frame_spec = _plan_import(src, checkpoints, layout)
+    dst = Path(dst_dir)
+    if (dst / META_FILE).exists():
+        raise DatasetError(f"{dst}: already holds a dataset ({META_FILE}); pick a new directory")
     source = {"kind": "dqn-replay", "reference": "Agarwal, Schuurmans & Norouzi 2020 (Dopamine replay logs)",
               "src": str(src), "checkpoints": checkpoints, "layout": layout,
               "final_frames": "zero: Dopamine does not log the observation after an episode's last step"}
-    writer = DatasetWriter(dst_dir, env=env, frame_shape=frame_spec[0], frame_dtype=frame_spec[1],
-                           frame_stack=DQN_REPLAY_STACK, num_actions=num_actions,
-                           agent={"name": "Dopamine DQN (DQN Replay Dataset)"}, shard_size=shard_size,
-                           compress=compress, rewards_clipped=True, source=source)
-    convert = _DopamineEpisodes(writer, frame_spec[0], frame_spec[1], DQN_REPLAY_STACK)
-    rows, previous = 0, None  # previous: (checkpoint, order) of the last imported one
-    for checkpoint in checkpoints:
-        small, observations = _read_checkpoint(src, checkpoint, frame_spec)
-        try:
-            order = _checkpoint_order(src, checkpoint, observations.shape[0], layout)
-            if previous is None and checkpoint == 0:
-                convert.expect_episode_start()  # the logged buffer started empty, with padding
-            elif previous is None or not _continues(previous, checkpoint, order, observations.shape[0]):
-                convert.cut()
-            rows += _import_checkpoint(src, checkpoint, convert, order, small, observations, num_actions,
-                                       chunk_rows)
-        finally:
-            observations.close()
-        previous = (checkpoint, order)
-    convert.cut()
-    source.update(rows_read=rows, skipped_rows=convert.skipped_rows, cut_steps=convert.cut_steps)
-    writer.set_source(source)  # the counts are known only now; close() writes them
-    writer.close()
+    with _undone_on_error(dst):
+        writer = DatasetWriter(dst, env=env, frame_shape=frame_spec[0], frame_dtype=frame_spec[1],
+                               frame_stack=DQN_REPLAY_STACK, num_actions=num_actions,
+                               agent={"name": "Dopamine DQN (DQN Replay Dataset)"}, shard_size=shard_size,
+                               compress=compress, rewards_clipped=True, source=source)
+        convert = _DopamineEpisodes(writer, frame_spec[0], frame_spec[1], DQN_REPLAY_STACK)
+        rows, joined, previous = 0, [], None
+        for plan in plans:
+            feed = _CheckpointFeed(src, plan, previous, convert, num_actions)
+            rows += feed.run(chunk_rows)
+            joined += [plan.checkpoint] if feed.joined else []
+            previous = feed
+        convert.cut()
+        source.update(rows_read=rows, skipped_rows=convert.skipped_rows, cut_steps=convert.cut_steps,
+                      joined=joined)
+        writer.set_source(source)  # the counts are known only now; close() writes them
+        writer.close()
     return source
-
-
-def _continues(previous: Tuple[int, _CheckpointOrder], checkpoint: int, order: _CheckpointOrder, n: int) -> bool:
-    """Whether `checkpoint` starts with the row that followed the previous imported one's last."""
-    number, before = previous
-    if checkpoint != number + 1:
-        return False
-    # A skipped log (the cursor can pass cap-1 inside Dopamine's padding adds) shows in add_count.
-    return before.add_count is None or order.add_count is None or order.add_count == before.add_count + n

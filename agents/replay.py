@@ -39,6 +39,10 @@ REPLAY_TABLE = "replay"
 ITEM_FIELDS = ("action", "discount", "next_obs", "obs", "reward")
 _SQUEEZED = [field not in ("obs", "next_obs") for field in ITEM_FIELDS]
 PARAMS_TABLE = "params"
+# Items a writer may have unconfirmed: Reverb logs "the number of pending items is alarmingly
+# high" at 50 (every 10th time), which a window of 64 reached between waits (513 warnings in
+# one 20k-step launch); waits come every half window, so the count peaks at this value.
+MAX_IN_FLIGHT_ITEMS = 40
 
 
 def item_signature(frame_shape: Sequence[int], frame_dtype, frame_stack: int) -> Dict[str, tf.TensorSpec]:
@@ -96,13 +100,14 @@ class TransitionAdder:
     """
 
     def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
-                 table: str = REPLAY_TABLE, max_in_flight_items: Optional[int] = None):
+                 table: str = REPLAY_TABLE, max_in_flight_items: int = MAX_IN_FLIGHT_ITEMS):
         self._n = n_step
         self._gamma = discount
         self._stack = frame_stack
         self._table = table
         # create_item never blocks; waiting for confirmations is what lets the
-        # table's rate limiter hold a distributed actor back.
+        # table's rate limiter hold a distributed actor back, and what keeps the
+        # writer's pending items under the level at which Reverb floods its log.
         self._max_in_flight = max_in_flight_items
         # Oldest referenced row is at most (n-1) transition-only rows + n + stack rows back.
         self._writer = client.trajectory_writer(num_keep_alive_refs=2 * n_step + 2 * frame_stack + 2)
@@ -161,7 +166,7 @@ class TransitionAdder:
         self.items_written += 1
         # Waiting on every item would cost a server round trip per env step; every
         # half-window keeps at most max_in_flight items unconfirmed all the same.
-        if self._max_in_flight is not None and self.items_written % max(1, self._max_in_flight // 2) == 0:
+        if self.items_written % max(1, self._max_in_flight // 2) == 0:
             self._wait(self._max_in_flight // 2)
 
     def _wait(self, block_until_num_items: int) -> None:

@@ -27,7 +27,9 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _load(config_path: str, overrides: List[str]):
+def _load(config_path: str, overrides: List[str], verify_dataset: str = "none"):
+    """The checked config. `verify_dataset="open"` also checks every shard's checksum of
+    the regime's dataset: the commands that create a run directory do, before creating it."""
     from agents.config import load_config
     from agents.networks import layer_names, resolve_network
     from agents import spectral_norm
@@ -41,7 +43,7 @@ def _load(config_path: str, overrides: List[str]):
     if config.regime.mode != "online":  # a dataset of another env is refused up front
         from agents.dataset import DatasetReader
         from envs.factory import env_spec
-        reader = DatasetReader(config.regime.dataset, verify="none")
+        reader = DatasetReader(config.regime.dataset, verify=verify_dataset)
         reader.check_env(config.env)
         spec = env_spec(config.env)
         reader.check_frames(spec.frame_shape, spec.obs_dtype)
@@ -54,6 +56,8 @@ def _print_summary(summary: dict) -> None:
           f"{summary['learner_updates']} learner updates in {summary['wall_seconds']} s")
     if summary.get("final_eval_return") is not None:
         print(f"  final evaluation return: {summary['final_eval_return']:.2f}")
+    elif summary.get("last_eval_return") is not None:
+        print(f"  last evaluation return (before the run stopped): {summary['last_eval_return']:.2f}")
     print(f"  run directory:  {summary['run_dir']}  (metrics.jsonl, tb/, checkpoints/)")
     if summary.get("checkpoint"):
         print(f"  last checkpoint: {summary['checkpoint']}")
@@ -71,21 +75,38 @@ def _run_config(args, command: str):
         from agents import checkpoint
         if checkpoint.latest(run_dir.checkpoints) is None:
             raise UsageError(f"--resume {args.resume}: no checkpoint in {run_dir.checkpoints}")
-        config = _load(str(run_dir.config), args.set)
+        config = _load(str(run_dir.config), args.set, verify_dataset="open")
         if args.set:  # what runs is what config.yaml says
             save_config(config, run_dir.config)
         return config, run_dir.path
     if not args.config:
         raise UsageError(f"{command}: give a CONFIG file or --resume RUN_DIR")
-    config = _load(args.config, args.set)
+    config = _load(args.config, args.set, verify_dataset="open")
     path = Path(args.run_dir or Path("runs") / config.name)
     if (path / "metrics.jsonl").exists() and not args.overwrite:
         raise UsageError(f"run directory {path} already holds a run "
                          f"(use --resume {path}, --run-dir DIR or --overwrite)")
     if args.overwrite and path.exists():
-        import shutil
-        shutil.rmtree(path)
+        _delete_run(path)
     return config, path
+
+
+def _delete_run(path: Path) -> None:
+    """Deletes an old run for `--overwrite`, and nothing that is not one: the folder must
+    hold a run's config.yaml and metrics.jsonl, and must not hold the working directory."""
+    from launch.rundir import RunDir
+    if not path.is_dir() or not RunDir(path).is_run():
+        raise UsageError(f"--overwrite: {path} is not an eosrl run directory (no config.yaml and "
+                         f"metrics.jsonl there); refusing to delete it, choose another --run-dir")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UsageError(f"--overwrite: {path} holds the working directory; refusing to delete it")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    print(f"eosrl: --overwrite: deleting the run in {path} ({len(files)} files, {size / 2**20:.1f} MiB)",
+          file=sys.stderr)
+    import shutil
+    shutil.rmtree(path)
 
 
 def cmd_train(args) -> int:
@@ -95,12 +116,16 @@ def cmd_train(args) -> int:
     from launch.train import train
     summary = train(config, path, resume=bool(args.resume), progress=not args.no_progress)
     _print_summary(summary)
+    if summary.get("message"):
+        print(f"eosrl: {summary['message']}", file=sys.stderr)
     return 0 if summary["status"] == "completed" else 1
 
 
 def cmd_launch(args) -> int:
     if args.actors is not None:
         args.set = list(args.set) + [f"distributed.num_actors={args.actors}"]
+    if args.replay_port is not None and not 1024 <= args.replay_port <= 65535:
+        raise UsageError(f"--replay-port {args.replay_port}: must be in 1024..65535")
     config, path = _run_config(args, "launch")
     from agents.config import save_config
     from launch.rundir import RunDir, route_native_logs, interrupt_on_stop_signals
@@ -112,12 +137,13 @@ def cmd_launch(args) -> int:
         from launch.ray_launcher import launch_ray
         summary = launch_ray(config, run_dir.path, config.distributed.num_actors,
                              resume=bool(args.resume), address=args.ray_address,
-                             learner_gpus=args.learner_gpus)
+                             learner_gpus=args.learner_gpus, port=args.replay_port)
     else:
         from launch.local import launch_local
         with interrupt_on_stop_signals():
             summary = launch_local(config, run_dir.path, config.distributed.num_actors,
-                                   resume=bool(args.resume), progress=not args.no_progress)
+                                   resume=bool(args.resume), progress=not args.no_progress,
+                                   port=args.replay_port)
     _print_summary(summary)
     if summary.get("message"):
         print(f"eosrl: {summary['message']}", file=sys.stderr)
@@ -287,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--launcher", choices=["local", "ray"], default="local",
                    help="local subprocesses (default) or a Ray cluster")
+    p.add_argument("--replay-port", type=int, metavar="PORT",
+                   help="port of the replay server (default: a free one); it listens on every "
+                        "interface without authentication, see README 'Security'")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--learner-gpus", type=float, default=0.0, help="GPUs the Ray learner asks for")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -352,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from launch.lifeline import watch_parent
+    watch_parent(delay_s=4.0 if args.command == "replay-server" else 0.0)
     from agents.config import ConfigError
     from agents.checkpoint import CheckpointError
     from envs.factory import EnvError

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agents import checkpoint
+from launch import resume
 from launch.rundir import MetricsWriter
 
 
@@ -46,6 +47,9 @@ class LearningLoop:
         self._env_steps = env_steps
         self.probe_batch: Optional[Dict[str, np.ndarray]] = None  # raw items
         self._window: List[Dict[str, Any]] = []
+        self._pending_loss: Optional[Tuple[int, Any]] = None  # (update, device loss) not yet checked
+        self.diverged_at: Optional[int] = None
+        self.last_env_steps = 0  # of the last record or checkpoint, should the count become unreadable
 
     def _fixed_probe_batch(self) -> bool:
         return self.prober is not None and self.config.probe.batch == "fixed"
@@ -57,26 +61,53 @@ class LearningLoop:
         if path is None:
             return None
         self.probe_batch, meta = self._parts.restore(self.learner, path)
+        self.last_env_steps = int(meta.get("env_steps", 0))
         return path, meta
 
-    def update(self, batch) -> None:
-        """One update; then a probe when one is due."""
+    def update(self, batch) -> bool:
+        """One update; then a probe when one is due. False once the TD loss has gone
+        non-finite: a `divergence` event then names the update where it first did.
+
+        The loss checked is the previous update's, read after this one is dispatched, so
+        the check never stalls the device; the caller stops within one update."""
         if self._fixed_probe_batch() and self.probe_batch is None:
             # Drawn once, when learning starts, and kept in checkpoints.
             self.probe_batch = self._sample_items(self.config.probe.batch_size)
-        self._window.append(self.learner.update(batch))
+        metrics = self.learner.update(batch)
+        self._window.append(metrics)
+        if not self._loss_was_finite():
+            return False
+        self._pending_loss = (self.learner.step, metrics["loss"])
         step = self.learner.step
-        if self.prober is None or not self.prober.should_probe(step):
-            return
-        if self.config.probe.batch == "fresh":
-            self.probe_batch = self._sample_items(self.config.probe.batch_size)
-        record = self.prober.probe(self.learner.preprocess(self.probe_batch))
-        self.metrics.write("probe", step, env_steps=self._env_steps(),
-                           **{k: v for k, v in record.items() if k not in ("kind", "step")})
+        if self.prober is not None and self.prober.should_probe(step):
+            if not self._loss_was_finite():  # a probe waits for the update anyway
+                return False
+            if self.config.probe.batch == "fresh":
+                self.probe_batch = self._sample_items(self.config.probe.batch_size)
+            record = self.prober.probe(self.learner.preprocess(self.probe_batch))
+            self.metrics.write("probe", step, env_steps=self._env_steps(),
+                               **{k: v for k, v in record.items() if k not in ("kind", "step")})
+        return True
 
-    def write_train(self, values: Dict[str, Any]) -> bool:
-        """A `train` record of `values` plus the means of the updates since the last
-        one; False (after a `divergence` event) when the loss was not finite."""
+    def _loss_was_finite(self) -> bool:
+        """Checks the pending loss; on the first non-finite one writes the event."""
+        if self._pending_loss is None:
+            return True
+        step, loss = self._pending_loss
+        self._pending_loss = None
+        if math.isfinite(float(loss)):
+            return True
+        self.diverged_at = step
+        self.metrics.write("event", step, env_steps=self._env_steps(), event="divergence",
+                           reason="non-finite loss", loss=float(loss))
+        return False
+
+    def finish(self) -> bool:
+        """Checks the last update's loss (call when the updates stop); False if it diverged."""
+        return self.diverged_at is None and self._loss_was_finite()
+
+    def write_train(self, values: Dict[str, Any]) -> None:
+        """A `train` record of `values` plus the means of the updates since the last one."""
         values = dict(values)
         if self._window:
             window = jax.device_get(self._window)
@@ -84,24 +115,28 @@ class LearningLoop:
             for key in window[0]:
                 values[key] = float(np.mean([m[key] for m in window]))
             values["lr"] = self.learner.current_lr()
-        step = self.learner.step
-        self.metrics.write("train", step, **values)
-        if "loss" in values and not math.isfinite(values["loss"]):
-            self.metrics.write("event", step, env_steps=values.get("env_steps"), event="divergence",
-                               reason="non-finite loss")
-            return False
-        return True
+        self.last_env_steps = values.get("env_steps", self.last_env_steps)
+        self.metrics.write("train", self.learner.step, **values)
 
-    def save(self, directory: Path, meta: Dict[str, Any]) -> Optional[Path]:
+    def save(self, directory: Path, meta: Dict[str, Any],
+             replay_checkpoint: Optional[Callable[[], Optional[str]]] = None) -> Optional[Path]:
         """A checkpoint (with the fixed probe batch), unless the parameters went
-        non-finite: then the last good checkpoint stays the newest."""
+        non-finite: then the last good checkpoint stays the newest.
+
+        `replay_checkpoint()` snapshots the replay table just before, and its path goes
+        into the checkpoint's meta: a resumed run continues from the pair, so its env-step
+        count, its rate limiter and its learner agree (launch/resume.py)."""
         if not all_finite(self.learner.state.params):
             self.metrics.write("event", self.learner.step, env_steps=meta.get("env_steps"),
                                event="checkpoint_skipped",
                                reason="non-finite parameters; the last good checkpoint is kept")
             return None
         keep_batch = self._fixed_probe_batch() and self.probe_batch is not None
-        return self.learner.save(directory, keep=self.config.run.keep_checkpoints,
-                                 extra={"probe_batch": self.probe_batch} if keep_batch else {},
-                                 meta={**meta, "learner_step": self.learner.step,
-                                       "has_probe_batch": keep_batch})
+        meta = {**meta, "learner_step": self.learner.step, "has_probe_batch": keep_batch}
+        if replay_checkpoint is not None:
+            meta["replay_checkpoint"] = replay_checkpoint()
+        path = self.learner.save(directory, keep=self.config.run.keep_checkpoints,
+                                 extra={"probe_batch": self.probe_batch} if keep_batch else {}, meta=meta)
+        if replay_checkpoint is not None:
+            resume.prune_replay_checkpoints(directory.parent)
+        return path

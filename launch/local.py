@@ -9,7 +9,6 @@ feed it), then everything else, leaving no process behind.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ from typing import Dict, List, Optional
 
 from agents import checkpoint
 from agents.config import Config
+from launch.lifeline import child_environment
+from launch.resume import env_step_offset
 from launch.rundir import MetricsWriter, RunDir
 
 STOP_GRACE_S = 8.0
@@ -33,7 +34,8 @@ class Child:
 
     def start(self) -> None:
         log = open(self.log_dir / f"{self.name}.log", "a")
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+        # Named as the child's parent: the child ends itself if the launcher is killed.
+        env = child_environment(dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1"))
         # A session of its own: a terminal's Ctrl-C reaches only the launcher,
         # which then stops the roles in the order that keeps the checkpoint good.
         self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *self.args],
@@ -114,59 +116,61 @@ class _MetricsTail:
 
 
 def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool = False,
-                 progress: bool = True) -> Dict:
+                 progress: bool = True, port: Optional[int] = None) -> Dict:
     start_time = time.time()
     run_dir = RunDir(run_path).create()
     logs = run_dir.path / "logs"
     logs.mkdir(exist_ok=True)
     config_path = str(run_dir.config)
-    address = f"localhost:{_free_port()}"
+    port = port or _free_port()
+    address = f"localhost:{port}"
     events = MetricsWriter(run_dir, tensorboard=False)
     tail = _MetricsTail(run_dir.metrics)
     tail.new_records()  # start after what an earlier (resumed) run wrote
+    print(f"eosrl: replay server on port {port} of every network interface, without authentication "
+          f"(README, Security)", file=sys.stderr)
 
-    done_steps = 0
-    latest = checkpoint.latest(run_dir.checkpoints)
-    if resume and latest is not None:
-        done_steps = int(checkpoint.read_meta(latest).get("env_steps", 0))
-    share = math.ceil(config.run.total_env_steps / num_actors)
-    done_share = math.ceil(done_steps / num_actors)
-    port = address.split(":")[1]
-    replay_server = Child("replay", ["replay-server", config_path, "--port", port,
+    from launch.roles import EXIT_DIVERGED, actor_shares, connect, inserted_steps
+    from launch.train import preloaded_transitions
+    preloaded = preloaded_transitions(config)
+    offset = env_step_offset(run_dir.path) if resume else 0
+    replay_server = Child("replay", ["replay-server", config_path, "--port", str(port),
                                      "--run-dir", str(run_dir.path)], logs)
     learner = Child("learner", ["learner", config_path, "--replay", address,
                                 "--run-dir", str(run_dir.path)], logs)
     evaluator = Child("evaluator", ["evaluator", config_path, "--replay", address,
                                     "--run-dir", str(run_dir.path)], logs)
-    actor_steps: Dict[int, int] = {i: done_share for i in range(num_actors)}
+    offline = config.regime.mode == "offline"  # the server loads the dataset; nobody acts for data
+    actors: List[Child] = []
+    shares: List[tuple] = []
+    actor_steps: Dict[int, int] = {}
 
     def actor_child(i: int) -> Child:
         return Child(f"actor_{i}", ["actor", config_path, "--replay", address, "--id", str(i),
-                                    "--num-actors", str(num_actors), "--steps", str(share),
+                                    "--num-actors", str(num_actors), "--steps", str(shares[i][1]),
                                     "--start-step", str(actor_steps[i]),
                                     "--run-dir", str(run_dir.path)], logs)
 
-    # Offline, the replay server loads the dataset and nobody acts for data.
-    offline = config.regime.mode == "offline"
-    actors = [] if offline else [actor_child(i) for i in range(num_actors)]
-    everyone = [replay_server, learner, evaluator, *actors]
-    events.write("event", 0, event="launch", launcher="local", address=address,
-                 num_actors=num_actors, resume=resume, env_steps=done_steps)
-
-    from launch.roles import connect, inserted_steps
-    from launch.train import preloaded_transitions
-    preloaded = preloaded_transitions(config)
     status, message = "completed", ""
     last_eval: Optional[float] = None
-    updates = 0
+    updates, done_steps = 0, 0
     bar = None
     try:
         replay_server.start()
+        _write_pids(logs / "pids.json", [replay_server])
         client = connect(address, timeout_s=120)
+        # The table is restored by now: what it counts is where the actors continue.
+        done_steps = inserted_steps(client, preloaded) + offset
+        shares = [] if offline else actor_shares(config.run.total_env_steps, done_steps, num_actors)
+        actor_steps.update({i: start for i, (start, _) in enumerate(shares)})
+        actors = [actor_child(i) for i in range(len(shares))]
+        events.write("event", 0, event="launch", launcher="local", address=address,
+                     num_actors=num_actors, resume=resume, env_steps=done_steps)
         learner.start()
         for child in actors:
             child.start()
         evaluator.start()
+        everyone = [replay_server, learner, evaluator, *actors]
         _write_pids(logs / "pids.json", everyone)
         if progress:  # env steps, or learner updates offline
             from tqdm import tqdm
@@ -188,10 +192,10 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                     actor_steps[record["actor"]] = record["env_steps"]
             code = learner.poll()
             if code is not None:
-                if code != 0:
-                    status = "learner_died"
-                    message = (f"the learner exited with code {code} (log: {logs / 'learner.log'}); "
-                               f"its last checkpoint is intact: eosrl launch --resume {run_dir.path}")
+                if code == EXIT_DIVERGED:
+                    status, message = "diverged", _divergence_message(run_dir)
+                elif code != 0:
+                    status, message = "learner_died", _death_message("learner", code, logs, run_dir)
                 break
             for i, child in enumerate(actors):
                 code = child.poll()
@@ -209,11 +213,12 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                 elif child.restarts >= 0:
                     events.write("event", updates, event="actor_given_up", actor=i, exit_code=code)
                     child.restarts = -1  # reported once
-            if replay_server.poll() is not None:
-                status, message = "replay_died", f"the replay server exited (log: {logs / 'replay.log'})"
+            code = replay_server.poll()
+            if code is not None:
+                status, message = "replay_died", _death_message("replay server", code, logs, run_dir)
                 break
             if bar is not None:
-                steps = inserted_steps(client, preloaded)
+                steps = inserted_steps(client, preloaded) + offset
                 now = time.time()
                 sps = (steps - tick_steps) / max(now - tick, 1e-9)
                 tick, tick_steps = now, steps
@@ -232,7 +237,15 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
     for record in tail.new_records():
         if record.get("kind") == "eval":
             last_eval = record.get("return_mean")
+    return _summary(config, run_dir, status, message, last_eval, start_time, events)
+
+
+def _summary(config: Config, run_dir: RunDir, status: str, message: str, last_eval: Optional[float],
+             start_time: float, events: MetricsWriter) -> Dict:
+    """The run's summary (also written as a `launch_finished` event). Only a completed run
+    gets a final evaluation; the last checkpoint never holds non-finite parameters."""
     latest = checkpoint.latest(run_dir.checkpoints)
+    meta = checkpoint.read_meta(latest) if latest else {}
     final_eval = None
     if status == "completed" and latest is not None:
         from launch.evaluate import evaluate_checkpoint
@@ -241,9 +254,10 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
         "status": status,
         "message": message,
         "run_dir": str(run_dir.path),
-        "env_steps": int(checkpoint.read_meta(latest).get("env_steps", 0)) if latest else 0,
-        "learner_updates": int(checkpoint.read_meta(latest).get("learner_step", 0)) if latest else 0,
-        "final_eval_return": final_eval if final_eval is not None else last_eval,
+        "env_steps": int(meta.get("env_steps", 0)),
+        "learner_updates": int(meta.get("learner_step", 0)),
+        "final_eval_return": final_eval,
+        "last_eval_return": last_eval,
         "checkpoint": str(latest) if latest else None,
         "wall_seconds": round(time.time() - start_time, 1),
     }
@@ -251,3 +265,26 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
                  **{k: v for k, v in summary.items() if k != "learner_updates"})
     events.close()
     return summary
+
+
+def _last_checkpoint_note(run_dir: RunDir) -> str:
+    latest = checkpoint.latest(run_dir.checkpoints)
+    if latest is None:
+        return "it wrote no checkpoint, so the run cannot be resumed; start it again"
+    step = checkpoint.read_meta(latest).get("learner_step")
+    return f"the last checkpoint (update {step}) is intact: eosrl launch --resume {run_dir.path}"
+
+
+def _death_message(role: str, code: int, logs: Path, run_dir: RunDir) -> str:
+    log = logs / ("learner.log" if role == "learner" else "replay.log")
+    return f"the {role} exited with code {code} (log: {log}); {_last_checkpoint_note(run_dir)}"
+
+
+def _divergence_message(run_dir: RunDir) -> str:
+    from launch.rundir import read_metrics
+    events = [r for r in read_metrics(run_dir.metrics, "event") if r.get("event") == "divergence"]
+    where = f" at update {events[-1]['step']}" if events else ""
+    latest = checkpoint.latest(run_dir.checkpoints)
+    kept = (f"the last good checkpoint is {latest} (update {checkpoint.read_meta(latest).get('learner_step')})"
+            if latest else "no checkpoint was written before it")
+    return f"the learner diverged: the TD loss became non-finite{where}; {kept}"

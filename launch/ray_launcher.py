@@ -8,7 +8,7 @@ the learner may ask for GPUs. Ray is an optional extra: `pip install -e .[ray]`.
 """
 from __future__ import annotations
 
-import math
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -41,86 +41,77 @@ def _role_actor(ray):
     return Role
 
 
-def _final_replay_checkpoint(address: str, run_dir: Path) -> str:
-    """A problem comes back as a message, not an exception, so shutdown carries on."""
-    try:
-        import reverb
-        from launch.roles import checkpoint_replay
-        checkpoint_replay(reverb.Client(address), run_dir / "replay")
-        return ""
-    except Exception as e:  # noqa: BLE001 - reported in the summary
-        return f"the final replay checkpoint failed: {e}"
-
-
 def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = False,
-               address: Optional[str] = None, learner_gpus: float = 0.0) -> Dict:
+               address: Optional[str] = None, learner_gpus: float = 0.0, port: Optional[int] = None) -> Dict:
     try:
         import ray
     except ImportError:
         raise RuntimeError("--launcher ray needs Ray: pip install -e '.[ray]'") from None
     from agents.config import to_dict
+    from launch.resume import env_step_offset
+    from launch.roles import EXIT_DIVERGED, actor_shares, connect, inserted_steps
+    from launch.train import preloaded_transitions
     start_time = time.time()
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
              log_to_driver=False, num_cpus=None if address else max(4, num_actors + 3))
     Role = _role_actor(ray)
     config_dict = to_dict(config)
     run_dir = str(run_path)
-    import portpicker
-    port = portpicker.pick_unused_port()
+    if port is None:
+        import portpicker
+        port = portpicker.pick_unused_port()
+    offset = env_step_offset(run_dir) if resume else 0
 
     replay_server = Role.options(num_cpus=1).remote()
     # Ask for the node first: a Ray actor runs one call at a time, and `run` never returns.
     host = ray.get(replay_server.node_ip.remote())
     replay_ref = replay_server.run.remote("replay", config_dict, port=port, run_dir=Path(run_dir))
     replay_address = f"{host}:{port}"
-
-    done = 0
-    latest = checkpoint.latest(Path(run_dir) / "checkpoints")
-    if resume and latest is not None:
-        done = int(checkpoint.read_meta(latest).get("env_steps", 0))
-    share = math.ceil(config.run.total_env_steps / num_actors)
+    print(f"eosrl: replay server on {replay_address}, listening on every network interface of that node "
+          f"without authentication (README, Security)", file=sys.stderr)
+    # The table is restored once the server answers: what it counts is where the actors continue.
+    done = inserted_steps(connect(replay_address, timeout_s=120), preloaded_transitions(config)) + offset
     learner = Role.options(num_cpus=1, num_gpus=learner_gpus).remote()
     learner_ref = learner.run.remote("learner", config_dict, address=replay_address, run_dir=Path(run_dir))
     # Offline, the replay server loads the dataset and nobody acts for data.
-    actors = [] if config.regime.mode == "offline" else [Role.options(num_cpus=1).remote()
-                                                         for _ in range(num_actors)]
-    for i, actor in enumerate(actors):
+    shares = [] if config.regime.mode == "offline" else actor_shares(config.run.total_env_steps, done, num_actors)
+    actors = [Role.options(num_cpus=1).remote() for _ in shares]
+    for i, (actor, (start, end)) in enumerate(zip(actors, shares)):
         actor.run.remote("actor", config_dict, address=replay_address, actor_id=i, num_actors=num_actors,
-                         steps=share, run_dir=Path(run_dir), start_step=math.ceil(done / num_actors))
+                         steps=end, run_dir=Path(run_dir), start_step=start)
     evaluator = Role.options(num_cpus=1).remote()
     evaluator.run.remote("evaluator", config_dict, address=replay_address, run_dir=Path(run_dir))
 
     status, message = "completed", ""
     try:
         code = ray.get(learner_ref)
-        if code != 0:
+        if code == EXIT_DIVERGED:
+            status, message = "diverged", "the learner diverged: the TD loss became non-finite (divergence event in metrics.jsonl)"
+        elif code != 0:
             status, message = "learner_failed", f"the learner returned {code}"
     except KeyboardInterrupt:
         status = "interrupted"
     except ray.exceptions.RayError as e:
         status, message = "learner_died", f"the learner died: {e}"
     finally:
-        # ray.kill ends a role without its clean-up, so the final replay checkpoint
-        # the local launcher gets from the server's SIGTERM handler is asked for here,
-        # once nothing writes to the table any more.
-        for handle in [evaluator, *actors]:
-            ray.kill(handle, no_restart=True)
-        if config.replay.checkpoint:
-            message = "; ".join(filter(None, [message, _final_replay_checkpoint(replay_address, Path(run_dir))]))
-        for handle in [replay_server, learner]:
+        # The learner paired its last checkpoint with a replay snapshot (launch/resume.py);
+        # ray.kill ends the other roles without their clean-up, which they do not need.
+        for handle in [evaluator, *actors, replay_server, learner]:
             ray.kill(handle, no_restart=True)
         ray.shutdown()
     del replay_ref
     latest = checkpoint.latest(Path(run_dir) / "checkpoints")
     evals = list(read_metrics(Path(run_dir) / "metrics.jsonl", "eval"))
     meta = checkpoint.read_meta(latest) if latest else {}
+    last_eval = evals[-1]["return_mean"] if evals else None
     return {
         "status": status,
         "message": message,
         "run_dir": run_dir,
         "env_steps": int(meta.get("env_steps", 0)),
         "learner_updates": int(meta.get("learner_step", 0)),
-        "final_eval_return": evals[-1]["return_mean"] if evals else None,
+        "final_eval_return": last_eval if status == "completed" else None,
+        "last_eval_return": last_eval,
         "checkpoint": str(latest) if latest else None,
         "wall_seconds": round(time.time() - start_time, 1),
     }

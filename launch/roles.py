@@ -14,12 +14,11 @@ learner writes a final checkpoint, the replay server a final table checkpoint.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -33,8 +32,15 @@ from agents.config import Config  # noqa: E402
 from envs.factory import make_env  # noqa: E402
 from launch.rundir import MetricsWriter, RunDir  # noqa: E402
 from launch.learning import LearningLoop  # noqa: E402
+from launch import resume  # noqa: E402
+from launch.learning import all_finite  # noqa: E402
 from launch.train import (Components, load_dataset_into_replay, preloaded_transitions,  # noqa: E402
-                          prune_replay_checkpoints, replay_capacity)
+                          replay_capacity)
+
+
+# The learner's exit codes, read by the launchers.
+EXIT_FAILED = 1
+EXIT_DIVERGED = 3
 
 
 class Stop(Exception):
@@ -62,14 +68,27 @@ def clock_unit(config: Config) -> int:
     return 1 if config.regime.mode == "offline" else config.replay.update_period
 
 
-def update_budget(config: Config, preloaded: int) -> int:
+def update_budget(config: Config, preloaded: int, start: Optional[tuple] = None) -> int:
     """Learner updates of the whole run, as `eosrl train` counts them: `total_updates`
     offline; otherwise one per `update_period` env steps once replay holds `min_size`
-    transitions (a preloaded dataset counts towards them)."""
+    transitions (a preloaded dataset counts towards them). `start` = (updates, env steps,
+    warm-up env steps still to come) of a resumed run."""
     if config.regime.mode == "offline":
         return config.run.total_updates
+    if start is not None:
+        updates, env_steps, warmup = start
+        return updates + max(0, config.run.total_env_steps - env_steps - warmup) // config.replay.update_period
     warmup = max(0, config.replay.min_size - preloaded)
     return max(0, config.run.total_env_steps - warmup) // config.replay.update_period
+
+
+def actor_shares(total_env_steps: int, done: int, num_actors: int) -> List[Tuple[int, int]]:
+    """(start, end) env-step counters of each actor: the steps still to take, split so
+    that they add up to exactly `total_env_steps - done`."""
+    remaining = max(0, total_env_steps - done)
+    start = done // num_actors
+    return [(start, start + remaining // num_actors + (1 if i < remaining % num_actors else 0))
+            for i in range(num_actors)]
 
 
 def connect(address: str, timeout_s: float = 60.0) -> reverb.Client:
@@ -89,7 +108,7 @@ def connect(address: str, timeout_s: float = 60.0) -> reverb.Client:
 def inserted_steps(client: reverb.Client, preloaded: int = 0) -> int:
     """Actor env steps so far: transitions inserted into `replay` (one per actor env
     step) less the `preloaded` ones a dataset put there."""
-    info = client.server_info()[replay.REPLAY_TABLE]
+    info = client.server_info(timeout=3)[replay.REPLAY_TABLE]
     return max(0, int(info.rate_limiter_info.insert_stats.completed) - preloaded)
 
 
@@ -98,22 +117,25 @@ def inserted_steps(client: reverb.Client, preloaded: int = 0) -> int:
 
 
 class ParamsChannel:
+    """The learner's latest acting parameters with its update and env-step counts."""
+
     def __init__(self, client: reverb.Client, template: Any):
         self._client = client
         self._treedef = jax.tree_util.tree_structure(template)
 
-    def publish(self, params, net_state, step: int) -> None:
+    def publish(self, params, net_state, step: int, env_steps: int) -> None:
         leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, net_state))]
-        self._client.insert(leaves + [np.asarray(step, np.int64)], priorities={replay.PARAMS_TABLE: 1.0})
+        self._client.insert(leaves + [np.asarray(step, np.int64), np.asarray(env_steps, np.int64)],
+                            priorities={replay.PARAMS_TABLE: 1.0})
 
     def fetch(self):
-        """(params, net_state, learner step); waits until the learner has published once."""
+        """(params, net_state, learner step, env steps); waits until the learner has published once."""
         while self._client.server_info()[replay.PARAMS_TABLE].current_size == 0:
             time.sleep(0.2)  # polling keeps SIGTERM deliverable, unlike a blocking sample
         sample = next(self._client.sample(replay.PARAMS_TABLE, num_samples=1, emit_timesteps=False))
         flat = [x[0] for x in sample.data]  # an inserted item is one step: drop that axis
-        params, net_state = jax.tree_util.tree_unflatten(self._treedef, flat[:-1])
-        return params, net_state, int(flat[-1])
+        params, net_state = jax.tree_util.tree_unflatten(self._treedef, flat[:-2])
+        return params, net_state, int(flat[-2]), int(flat[-1])
 
 
 # ----------------------------------------------------------------------------
@@ -121,11 +143,12 @@ class ParamsChannel:
 
 
 def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> None:
-    """Serves the tables; in the offline regimes it first loads the dataset into
-    `replay` (unless a table checkpoint brought it back)."""
+    """Serves the tables; on resume it first restores the replay snapshot paired with
+    the learner's checkpoint (launch/resume.py), and in the offline regimes it loads the
+    dataset into `replay` unless that snapshot brought it back. The learner asks for
+    the snapshots; this role writes none of its own."""
     _install_stop_handlers()
     parts = Components(config)
-    d = config.distributed
     preloaded = preloaded_transitions(config)
     # Sampling waits for the whole dataset (and min_size); online and offline-to-online
     # keep samples_per_insert against new transitions from that point on.
@@ -133,12 +156,15 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
                                 parts.signature(),
                                 samples_per_insert=None if config.regime.mode == "offline"
                                 else samples_per_insert(config),
-                                error_buffer=d.error_buffer or None)
-    checkpoint_dir = str(RunDir(run_dir).replay) if (run_dir and config.replay.checkpoint) else None
+                                error_buffer=config.distributed.error_buffer or None)
+    checkpoint_dir = None
+    if run_dir and resume.snapshots_replay(config):
+        resume.prepare_replay(run_dir)
+        checkpoint_dir = str(RunDir(run_dir).replay.resolve())
     server = replay.start_server([table, replay.params_table()], port=port, checkpoint_dir=checkpoint_dir)
     client = reverb.Client(f"localhost:{server.port}")
-    print(f"replay server listening on port {server.port}", flush=True)
-    last = time.time()
+    print(f"replay server listening on port {server.port} of every network interface "
+          f"(no authentication: see README, Security)", flush=True)
     try:
         if preloaded and replay.table_size(client) == 0:
             adder = replay.TransitionAdder(client, config.agent.n_step, config.agent.discount,
@@ -152,23 +178,20 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
                 metrics.close()
         while True:
             time.sleep(1.0)
-            if checkpoint_dir and time.time() - last >= d.replay_checkpoint_seconds:
-                checkpoint_replay(client, Path(checkpoint_dir))
-                last = time.time()
     except Stop:
         pass
     finally:
-        if checkpoint_dir:
-            checkpoint_replay(client, Path(checkpoint_dir))
         server.stop()
 
 
-def checkpoint_replay(client: reverb.Client, directory: Path) -> None:
-    """A table checkpoint, written by the server on its own node; older ones are
-    pruned where `directory` is visible from here (a launcher may run elsewhere)."""
-    saved = client.checkpoint()
-    if directory.is_dir():
-        prune_replay_checkpoints(directory, saved)
+def replay_snapshot(client: reverb.Client) -> Optional[str]:
+    """A table checkpoint written by the server (on its own node); None when the server
+    cannot be reached, so the learner's checkpoint is still written, unpaired."""
+    try:
+        return client.checkpoint()
+    except Exception as e:  # noqa: BLE001 - a dead server is reported by the launcher
+        print(f"replay snapshot failed ({e}); the checkpoint is written without one", flush=True)
+        return None
 
 
 def actor_epsilon(config: Config, actor_id: int, num_actors: int):
@@ -188,15 +211,16 @@ def run_actor(config: Config, address: str, actor_id: int, num_actors: int,
     parts = Components(config)
     client = connect(address)
     seed = config.run.seed + 1000 * (actor_id + 1) + start_step
-    steps = steps if steps is not None else math.ceil(config.run.total_env_steps / num_actors)
+    if steps is None:
+        steps = actor_shares(config.run.total_env_steps, 0, num_actors)[actor_id][1]
     adder = replay.TransitionAdder(client, config.agent.n_step, config.agent.discount,
-                                   parts.spec.frame_stack, max_in_flight_items=64)
+                                   parts.spec.frame_stack)
     actor = Actor(make_env(config.env, seed, training=True), parts.network, config.agent, adder,
                   seed=seed, clip_rewards=config.env.clip_rewards,
                   epsilon=actor_epsilon(config, actor_id, num_actors))
     channel = ParamsChannel(client, parts.network.init(jax.random.PRNGKey(0)))
     metrics = MetricsWriter(RunDir(run_dir), tensorboard=False) if run_dir else None
-    params, net_state, learner_step = channel.fetch()
+    params, net_state, learner_step, _ = channel.fetch()
     actor.update_params(params, net_state)
     actor.steps = start_step  # the ε schedule continues where this share stopped
     start, start_steps = time.time(), start_step
@@ -209,7 +233,7 @@ def run_actor(config: Config, address: str, actor_id: int, num_actors: int,
                               epsilon=actor.epsilon(actor.steps),
                               env_steps_per_second=(actor.steps - start_steps) / (time.time() - start))
             if actor.steps % config.distributed.param_refresh_steps == 0:
-                params, net_state, learner_step = channel.fetch()
+                params, net_state, learner_step, _ = channel.fetch()
                 actor.update_params(params, net_state)
         adder.flush()
     except Stop:
@@ -231,18 +255,21 @@ def run_evaluator(config: Config, address: str, run_dir: Optional[Path]) -> int:
                           parts.network, config.agent.epsilon_eval, seed=config.run.seed + 10_000)
     metrics = MetricsWriter(RunDir(run_dir), tensorboard=False) if run_dir else None
     every_updates = max(1, config.run.eval_every // clock_unit(config)) if config.run.eval_every else None
-    preloaded = preloaded_transitions(config)
-    last_step = None
+    last_step = None  # the schedule keeps its multiples of every_updates across a resume
     try:
         while every_updates is not None:
-            params, net_state, step = channel.fetch()
-            if step > 0 and (last_step is None or step - last_step >= every_updates):
+            params, net_state, step, env_steps = channel.fetch()
+            if last_step is None:
                 last_step = step
-                result = evaluator.run(params, net_state, config.run.eval_episodes)
-                if metrics is not None:
-                    metrics.write("eval", step, env_steps=inserted_steps(client, preloaded), source="evaluator",
-                                  **result)
-                print(f"eval at learner step {step}: return {result['return_mean']:.2f}", flush=True)
+            elif step // every_updates > last_step // every_updates:
+                last_step = step
+                if all_finite(params):  # the learner publishes none, but never evaluate them
+                    result = evaluator.run(params, net_state, config.run.eval_episodes)
+                    if metrics is not None:
+                        metrics.write("eval", step, env_steps=env_steps, source="evaluator", **result)
+                    print(f"eval at learner step {step}: return {result['return_mean']:.2f}", flush=True)
+                else:
+                    print(f"skipped the evaluation at learner step {step}: non-finite parameters", flush=True)
             time.sleep(1.0)
     except Stop:
         pass
@@ -253,82 +280,127 @@ def run_evaluator(config: Config, address: str, run_dir: Optional[Path]) -> int:
 
 
 def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float = 60.0) -> int:
-    """Updates until the run's `update_budget` is done, or until no new data has
-    arrived for `max_idle_s` (every actor has finished)."""
+    """Updates until the run's update budget is done, or until no new data has
+    arrived for `max_idle_s` (every actor has finished). Returns 0, or
+    EXIT_DIVERGED once the loss went non-finite (no later state is published or saved)."""
     _install_stop_handlers()
     parts = Components(config)
     client = connect(address)
     rdir = RunDir(run_dir).create()
     metrics = MetricsWriter(rdir)
     preloaded = preloaded_transitions(config)
+    offset = resume.env_step_offset(run_dir)  # before this run's first checkpoint changes it
 
     def env_steps() -> int:
-        return inserted_steps(client, preloaded)
+        return inserted_steps(client, preloaded) + offset
 
     loop = LearningLoop(parts, metrics, env_steps=env_steps,
                         sample_items=lambda n: replay.sample_items(client, n, parts.signature()))
     learner = loop.learner
     restored = loop.restore(rdir.checkpoints)
+    target = update_budget(config, preloaded)
     if restored is not None:
+        meta = restored[1]
+        # An empty table (no paired snapshot) has to fill to min_size again before sampling.
+        warmup = max(0, config.replay.min_size - preloaded) if offset else 0
+        target = update_budget(config, preloaded, start=(learner.step, int(meta.get("env_steps", 0)), warmup))
         metrics.write("event", learner.step, event="resumed", checkpoint=str(restored[0]),
-                      env_steps=env_steps(),
+                      env_steps=env_steps(), update_target=target,
                       replay_size=client.server_info()[replay.REPLAY_TABLE].current_size)
     channel = ParamsChannel(client, learner.acting_params())
-    channel.publish(*learner.acting_params(), learner.step)
+    channel.publish(*learner.acting_params(), learner.step, env_steps())
 
-    rcfg, run = config.replay, config.run
-    target = update_budget(config, preloaded)
+    run = config.run
     log_every = max(1, run.log_every // clock_unit(config))
     checkpoint_every = max(1, run.checkpoint_every // clock_unit(config))
-    timeout_ms = 5000
+    snapshot = (lambda: replay_snapshot(client)) if resume.snapshots_replay(config) else None
 
-    def new_stream():
-        return replay.batch_stream(address, rcfg.batch_size, rate_limiter_timeout_ms=timeout_ms)
+    def log() -> None:
+        nonlocal tick, tick_step
+        now = time.time()
+        rate = (learner.step - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, learner.step
+        loop.write_train({"env_steps": env_steps(), "updates_per_second": rate})
 
-    def save() -> None:
-        loop.save(rdir.checkpoints, meta={"env_steps": env_steps()})
-
-    stream = new_stream()
+    stream = _LearnerStream(address, config.replay.batch_size, lambda: inserted_steps(client), max_idle_s)
     status = "completed"
     tick, tick_step = time.time(), learner.step
-    last_inserts, last_change = inserted_steps(client), time.time()
     try:
         while learner.step < target:
-            try:
-                batch = next(stream)
-            except StopIteration:
-                # The rate limiter held sampling back for the stream's timeout. Short
-                # timeouts keep SIGTERM deliverable; data that stopped arriving for
-                # max_idle_s means every actor has finished.
-                inserts = inserted_steps(client)
-                if inserts != last_inserts:
-                    last_inserts, last_change = inserts, time.time()
-                elif time.time() - last_change > max_idle_s:
-                    status = "no_more_data"
-                    break
-                stream.close()
-                stream = new_stream()
-                continue
-            loop.update(batch)
+            batch = stream.next()
+            if batch is None:
+                status = "no_more_data"
+                break
+            if not loop.update(batch):
+                status = "diverged"
+                break
             step = learner.step
             if step % config.distributed.publish_every == 0:
-                channel.publish(*learner.acting_params(), step)
+                channel.publish(*learner.acting_params(), step, env_steps())
             if step % log_every == 0:
-                now = time.time()
-                rate = (step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, step
-                if not loop.write_train({"env_steps": env_steps(), "updates_per_second": rate}):
-                    status = "diverged"
-                    break
+                log()
             if step % checkpoint_every == 0:
-                save()
+                loop.save(rdir.checkpoints, meta={"env_steps": env_steps()}, replay_checkpoint=snapshot)
+        if status != "diverged" and not loop.finish():
+            status = "diverged"
     except Stop:
-        status = "interrupted"
+        status = "interrupted" if loop.finish() else "diverged"
     finally:
-        stream.close()
-        channel.publish(*learner.acting_params(), learner.step)
-        save()
+        # The checkpoint first: it needs the replay server only for its snapshot, which
+        # may be gone when this runs because the launcher was killed.
+        if status == "diverged":
+            log()  # the window with the non-finite loss
+        final_env_steps = _while_server_answers(env_steps)
+        if final_env_steps is None:  # the server is gone: its count ended with the last record
+            final_env_steps = loop.last_env_steps
+        loop.save(rdir.checkpoints, meta={"env_steps": final_env_steps}, replay_checkpoint=snapshot)
         metrics.write("event", learner.step, event="learner_finished", status=status,
-                      env_steps=env_steps())
+                      env_steps=final_env_steps, diverged_at=loop.diverged_at)
         metrics.close()
-    return 0 if status in ("completed", "no_more_data", "interrupted") else 1
+        print(f"learner finished at update {learner.step}: {status}", flush=True)
+        if status != "diverged":  # never hand non-finite parameters to actors or the evaluator
+            _while_server_answers(lambda: channel.publish(*learner.acting_params(), learner.step,
+                                                          final_env_steps))
+        stream.close()
+    if status == "diverged":
+        return EXIT_DIVERGED
+    return 0
+
+
+def _while_server_answers(call):
+    """`call()`, or None when the replay server cannot be reached (it may be gone at shutdown)."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - gRPC errors of a dead server come in several types
+        print(f"replay server unreachable at shutdown ({type(e).__name__}: {e})", flush=True)
+        return None
+
+
+class _LearnerStream:
+    """Training batches; None once no new data has arrived for `max_idle_s`.
+
+    The rate limiter holds sampling back for the stream's short timeout, which keeps
+    SIGTERM deliverable; the stream is then reopened. Data that stopped arriving for
+    max_idle_s means every actor has finished."""
+
+    def __init__(self, address: str, batch_size: int, inserts, max_idle_s: float, timeout_ms: int = 5000):
+        self._open = lambda: replay.batch_stream(address, batch_size, rate_limiter_timeout_ms=timeout_ms)
+        self._inserts, self._max_idle_s = inserts, max_idle_s
+        self._stream = self._open()
+        self._last_inserts, self._last_change = inserts(), time.time()
+
+    def next(self):
+        while True:
+            try:
+                return next(self._stream)
+            except StopIteration:
+                inserts = self._inserts()
+                if inserts != self._last_inserts:
+                    self._last_inserts, self._last_change = inserts, time.time()
+                elif time.time() - self._last_change > self._max_idle_s:
+                    return None
+                self._stream.close()
+                self._stream = self._open()
+
+    def close(self) -> None:
+        self._stream.close()

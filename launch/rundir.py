@@ -55,6 +55,10 @@ class RunDir:
     def plots(self) -> Path:
         return self.path / "plots"
 
+    def is_run(self) -> bool:
+        """Whether the folder is recognisably an eosrl run (what `--overwrite` may delete)."""
+        return self.config.is_file() and self.metrics.is_file()
+
     def create(self) -> "RunDir":
         for p in (self.path, self.checkpoints, self.tb):
             p.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,7 @@ import yaml
 
 from agents import checkpoint
 from agents.config import Config, ConfigError, load_config
+from launch.lifeline import child_environment
 from launch.rundir import number, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -490,7 +491,7 @@ class Runner:
         if not resume:
             clear_unfinished(spec.run_dir)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        env = child_environment(os.environ)  # the run ends if the study is killed
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         start = time.time()
         with open(spec.run_dir / "train.log", "a" if resume else "w") as log:

@@ -7,7 +7,6 @@ the same classes as separate processes.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -22,7 +21,8 @@ from agents.actor import Actor, Evaluator  # noqa: E402
 from agents.config import Config, save_config  # noqa: E402
 from agents.learner import Learner  # noqa: E402
 from envs.factory import EnvSpec, env_spec, make_env  # noqa: E402
-from launch.learning import LearningLoop  # noqa: E402
+from launch import resume as resume_lib  # noqa: E402
+from launch.learning import LearningLoop, all_finite  # noqa: E402
 from launch.rundir import MetricsWriter, RunDir, interrupt_on_stop_signals  # noqa: E402
 
 
@@ -54,12 +54,6 @@ class Components:
             template = {"probe_batch": self.batch_template(self.config.probe.batch_size)}
         extra, meta = learner.restore(path, template)
         return extra.get("probe_batch"), meta
-
-
-def prune_replay_checkpoints(directory: Path, keep_path: str) -> None:
-    for child in directory.iterdir():
-        if child.is_dir() and str(child) != str(Path(keep_path)):
-            shutil.rmtree(child, ignore_errors=True)
 
 
 def _selection(config: Config, reader) -> np.ndarray:
@@ -122,9 +116,12 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     agent, rcfg, run, regime = config.agent, config.replay, config.run, config.regime
     offline = regime.mode == "offline"
 
+    snapshots = resume_lib.snapshots_replay(config)
+    if snapshots:
+        resume_lib.prepare_replay(run_dir.path)  # only the snapshot paired with the checkpoint stays
     server = replay.start_server(
         [replay.replay_table(replay_capacity(config), rcfg.min_size, parts.signature())],
-        checkpoint_dir=str(run_dir.replay) if rcfg.checkpoint else None)
+        checkpoint_dir=str(run_dir.replay.resolve()) if snapshots else None)
     client = reverb.Client(f"localhost:{server.port}")
     adder = replay.TransitionAdder(client, agent.n_step, agent.discount, parts.spec.frame_stack)
     recorder = None
@@ -170,28 +167,34 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         bar = tqdm(total=total, initial=clock(), unit="update" if offline else "step", dynamic_ncols=True)
     tick, tick_clock = time.time(), clock()
 
-    def save_checkpoint() -> Optional[Path]:
-        path = loop.save(run_dir.checkpoints, meta={"env_steps": env_steps, "episodes": episodes})
-        if path is not None and rcfg.checkpoint:
-            adder.flush()
-            prune_replay_checkpoints(run_dir.replay, client.checkpoint())
-        return path
+    def snapshot() -> str:
+        adder.flush()
+        return client.checkpoint()
 
-    def run_eval() -> Dict[str, float]:
+    def save_checkpoint() -> Optional[Path]:
+        return loop.save(run_dir.checkpoints, meta={"env_steps": env_steps, "episodes": episodes},
+                         replay_checkpoint=snapshot if snapshots else None)
+
+    def run_eval() -> Optional[Dict[str, float]]:
+        if not all_finite(learner.state.params):
+            return None  # a diverging learner's parameters are never evaluated
         result = evaluator.run(*learner.acting_params(), episodes=run.eval_episodes)
         metrics.write("eval", learner.step, env_steps=env_steps, **result)
         return result
 
-    def learn() -> None:
+    def learn() -> bool:
+        """One update; False once the loss has gone non-finite."""
         nonlocal stream
         if stream is None:
             adder.flush()  # the server must hold min_size items before sampling starts
             stream = replay.batch_stream(f"localhost:{server.port}", rcfg.batch_size)
-        loop.update(next(stream))
+        if not loop.update(next(stream)):
+            return False
         actor.update_params(*learner.acting_params())
+        return True
 
-    def log() -> bool:
-        """Writes a `train` record; False when the loss went non-finite."""
+    def log() -> None:
+        """Writes a `train` record."""
         nonlocal tick, tick_clock
         now = time.time()
         rate = (clock() - tick_clock) / max(now - tick, 1e-9)
@@ -203,40 +206,43 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         recent = actor.stats.recent_return()
         if recent is not None:
             values["return"] = recent
-        finite = loop.write_train(values)
+        loop.write_train(values)
         if bar is not None:
             bar.set_postfix(rate=f"{rate:.0f}/s", ret=f"{recent:.1f}" if recent is not None else "-",
                             upd=learner.step, refresh=False)
         if recorder is not None:
             recorder.note_progress(learner_step=learner.step, env_step=env_steps)
-        return finite
 
     try:
         with interrupt_on_stop_signals():
             while clock() < total:
                 if offline:
-                    learn()
+                    finite = learn()
                 else:
                     if actor.step():
                         episodes += 1
                     env_steps += 1
                     ready = stream is not None or initial_size + adder.items_written >= rcfg.min_size
-                    if ready and env_steps % rcfg.update_period == 0:
-                        learn()
+                    finite = not (ready and env_steps % rcfg.update_period == 0) or learn()
+                if not finite:
+                    status = "diverged"
+                    log()  # the window with the non-finite loss
+                    break
                 now = clock()
                 if (now - last_log >= run.log_every or now == total):
                     last_log = now
-                    if not log():
-                        status = "diverged"
-                        break
+                    log()
                 if bar is not None and now % 100 == 0:
                     bar.update(now - bar.n)
-                if run.eval_every and now - last_eval >= run.eval_every:
+                # Schedules fire at multiples of their period, also across a resume.
+                if run.eval_every and now // run.eval_every > last_eval // run.eval_every:
                     last_eval = now
                     eval_result = run_eval()
-                if now - last_ckpt >= run.checkpoint_every:
+                if now // run.checkpoint_every > last_ckpt // run.checkpoint_every:
                     last_ckpt = now
                     save_checkpoint()
+            if status == "completed" and not loop.finish():
+                status = "diverged"
     except KeyboardInterrupt:
         status = "interrupted"
         metrics.write("event", learner.step, env_steps=env_steps, event="interrupted")
@@ -249,6 +255,8 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
 
     if status == "completed":
         eval_result = run_eval()
+    elif status == "diverged":
+        eval_result = None  # an earlier evaluation is not the result of this run
     checkpoint_path = save_checkpoint()
     wall = time.time() - start_time
     summary = {
@@ -263,6 +271,11 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
         "checkpoint": str(checkpoint_path) if checkpoint_path else None,
         "wall_seconds": round(wall, 1),
     }
+    if status == "diverged":
+        latest = checkpoint.latest(run_dir.checkpoints)
+        summary["message"] = (f"the learner diverged: the TD loss became non-finite at update {loop.diverged_at}; "
+                              + (f"the last good checkpoint is {latest}" if latest else
+                                 "no checkpoint was written before it"))
     if recorder is not None:
         summary["dataset"] = rcfg.record_to
     metrics.write("event", learner.step, event="finished", **summary)

@@ -1,0 +1,49 @@
+"""Processes started by a launcher end when their launcher is gone.
+
+The local launcher and the study runner start each child in a session of its
+own (so a terminal's Ctrl-C reaches only the launcher, which then stops the
+children in a safe order). The price is that a launcher killed with SIGKILL
+would leave them running with parent 1: a replay server listening for ever, an
+evaluator polling for ever. So the launcher names itself in the child's
+environment, and the child watches its parent: once the parent is no longer
+that process, the child stops the clean way (SIGTERM to itself: the learner
+writes its checkpoint, the replay server its table checkpoint) and, should that
+not finish within `grace_s`, exits hard.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Dict, Mapping
+
+PARENT_PID = "EOSRL_PARENT_PID"
+EXIT_ORPHANED = 4
+
+
+def child_environment(env: Mapping[str, str]) -> Dict[str, str]:
+    """`env` plus this process as the parent that the child must outlive no longer."""
+    return {**env, PARENT_PID: str(os.getpid())}
+
+
+def watch_parent(delay_s: float = 0.0, poll_s: float = 1.0, grace_s: float = 10.0) -> bool:
+    """In a child started with `child_environment`: a daemon thread that stops this
+    process `delay_s` after its parent has gone. False (and nothing started) elsewhere.
+    The replay server waits a little, as under the launcher: the learner's final
+    checkpoint asks it for a replay snapshot."""
+    expected = os.environ.pop(PARENT_PID, "")  # grandchildren have parents of their own
+    if not expected.isdigit():
+        return False
+    parent = int(expected)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        time.sleep(delay_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="eosrl-lifeline", daemon=True).start()
+    return True

@@ -1,0 +1,66 @@
+"""Learner updates over a fixed sequence of batches give bit-identical parameters
+to the ones pinned in tests/data/learner_pins.json (written by this file's
+`pins()` before the builder refactor of issue 13). A change that alters the
+arithmetic of an update, even by one ulp, fails here; re-pin only on purpose.
+"""
+import hashlib
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, ROOT
+
+PINS = ROOT / "tests" / "data" / "learner_pins.json"
+CASES = {
+    # name: (config, overrides)
+    "dqn_cartpole_sgd_momentum": ("dqn_cartpole.yaml", ["agent.optimizer.name=sgd", "agent.optimizer.lr=0.01",
+                                                        "agent.optimizer.momentum=0.9",
+                                                        "agent.target_update_period=3"]),
+    "c51_cartpole_adam_sn": ("c51_cartpole.yaml", ["agent.spectral_norm.layers=-2",
+                                                   "agent.spectral_norm.mode=divide",
+                                                   "agent.target_update_period=3"]),
+}
+UPDATES = 7
+
+
+def _batches(spec, batch_size, rng):
+    for _ in range(UPDATES):
+        obs = rng.normal(size=(batch_size, 1) + tuple(spec.frame_shape)).astype(spec.obs_dtype)
+        next_obs = rng.normal(size=(batch_size, 1) + tuple(spec.frame_shape)).astype(spec.obs_dtype)
+        yield {"obs": obs, "next_obs": next_obs,
+               "action": rng.integers(spec.num_actions, size=batch_size).astype(np.int32),
+               "reward": rng.normal(size=batch_size).astype(np.float32),
+               "discount": (0.99 * (rng.random(batch_size) > 0.1)).astype(np.float32)}
+
+
+def _digest(tree):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): hashlib.sha256(np.asarray(leaf).tobytes()).hexdigest()[:16]
+            for path, leaf in leaves}
+
+
+def pins(name):
+    """Digests of the learner state after UPDATES updates on fixed batches."""
+    from agents.config import load_config
+    from launch.train import Components
+    config_file, overrides = CASES[name]
+    parts = Components(load_config(CONFIGS / config_file, overrides))
+    learner = parts.learner()
+    for batch in _batches(parts.spec, 16, np.random.default_rng(7)):
+        learner.update(batch)
+    state = learner.state
+    return {"params": _digest(state.params), "target_params": _digest(state.target_params),
+            "net_state": _digest(state.net_state), "opt_state": _digest(state.opt_state),
+            "step": int(state.step)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_learner_updates_are_bit_identical_to_the_pins(name):
+    expected = json.loads(PINS.read_text())[name]
+    assert pins(name) == expected
+
+
+if __name__ == "__main__":  # writes the pins: python tests/test_learner_pins.py
+    PINS.write_text(json.dumps({name: pins(name) for name in sorted(CASES)}, indent=1) + "\n")

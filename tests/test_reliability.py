@@ -1,0 +1,317 @@
+"""Nothing deleted that is not a run, nothing orphaned, nothing misreported.
+
+Each test here reproduces a failure found in review (issue 12) and checks that it
+is gone: `--overwrite` on folders that are not runs, a launcher killed with
+SIGKILL, a diverging learner, a replay server killed mid-run, a corrupt
+checkpoint or dataset, non-finite config values, the evaluation schedule on resume.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from agents import checkpoint
+from agents.config import ConfigError, load_config
+from conftest import CONFIGS, ROOT
+from launch import cli
+from launch.rundir import read_metrics
+
+CARTPOLE = str(CONFIGS / "dqn_cartpole.yaml")
+QUICK = ["--no-progress", "--set", "run.eval_every=0", "--set", "run.eval_episodes=2",
+         "--set", "replay.min_size=500", "--set", "run.log_every=200"]
+
+
+def _eosrl(*args):
+    return [sys.executable, "-m", "launch.cli", *args]
+
+
+def _wait_for(predicate, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pids(run_dir):
+    path = Path(run_dir) / "logs" / "pids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def _kill_all(launcher, run_dir):
+    """After a failed assertion: nothing outlives the test."""
+    if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait(10)
+    for pid in _pids(run_dir).values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _events(run_dir, name):
+    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl", "event") if r.get("event") == name]
+
+
+# ----------------------------------------------------------------------------
+# 1. --overwrite deletes runs and nothing else.
+
+
+def _tree(path):
+    return sorted(str(p.relative_to(path)) for p in Path(path).rglob("*"))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--run-dir", "X", "--overwrite"], "X is not an eosrl run directory"),  # an unrelated folder
+    (["--set", "name=.", "--overwrite"], "name: must be"),                  # would be runs/ itself
+    (["--set", "name=..", "--overwrite"], "name: must be"),                 # would be the working directory
+])
+def test_overwrite_refuses_what_is_not_a_run(tmp_path, monkeypatch, capsys, args, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "X").mkdir()
+    (tmp_path / "X" / "thesis.tex").write_text("months of work")
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    (tmp_path / "runs" / "other" / "keep.txt").write_text("an earlier run's notes")
+    (tmp_path / "notes.md").write_text("the working directory")
+    before = _tree(tmp_path)
+    assert cli.main(["train", CARTPOLE, *args]) == 2
+    assert _tree(tmp_path) == before
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("eosrl: error:") and says in error[0]
+
+
+def test_overwrite_deletes_a_run_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "old"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: old\n")
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints" / "ckpt_0000000001.npz").write_bytes(b"x" * 10)
+    cli._delete_run(Path("runs/old"))
+    assert not run.exists() and (tmp_path / "runs").is_dir()
+    assert "deleting the run in runs/old (3 files" in capsys.readouterr().err
+    with pytest.raises(cli.UsageError, match="working directory"):
+        (tmp_path / "config.yaml").write_text("name: x\n")
+        (tmp_path / "metrics.jsonl").write_text("")
+        cli._delete_run(Path("."))
+
+
+# ----------------------------------------------------------------------------
+# 7 (smaller ones): values that type-check but are not numbers; corrupt inputs.
+
+
+@pytest.mark.parametrize("override", ["agent.optimizer.lr=.nan", "agent.optimizer.lr=.inf",
+                                      "agent.huber_delta=.nan", "agent.optimizer.max_grad_norm=.nan"])
+def test_non_finite_values_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(CARTPOLE, [override])
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, capsys):
+    tree = {"w": np.arange(4, dtype=np.float32)}
+    checkpoint.save(tmp_path, 1, tree, {"env_steps": 10})
+    newest = checkpoint.save(tmp_path, 2, tree, {"env_steps": 20})
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, a flipped byte: only the zip CRC can tell
+    newest.write_bytes(bytes(data))
+    found = checkpoint.latest(tmp_path)
+    assert found is not None and found.name == "ckpt_0000000001.npz"
+    warning = capsys.readouterr().err
+    assert "ckpt_0000000002.npz" in warning and "falling back" in warning
+
+
+def test_corrupt_dataset_is_refused_before_the_run_dir_exists(tmp_path, monkeypatch, capsys):
+    from agents.dataset import DatasetWriter
+    from agents.config import EnvConfig
+    data = tmp_path / "data"
+    env = EnvConfig(kind="gym", id="CartPole-v1")
+    rng = np.random.default_rng(0)
+    with DatasetWriter.for_env(data, env) as writer:
+        for _ in range(3):
+            writer.add_first(rng.normal(size=4).astype(np.float32))
+            for t in range(20):
+                writer.add(int(rng.integers(2)), 1.0, t == 19, False, rng.normal(size=4).astype(np.float32))
+    shard = sorted(data.glob("*.npz"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", CARTPOLE, "--run-dir", "offline", "--set", "regime.mode=offline",
+                     "--set", f"regime.dataset={data}", "--set", "run.total_updates=10"])
+    assert code == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "offline").exists()
+
+
+# ----------------------------------------------------------------------------
+# 3 and 2. A launcher killed with SIGKILL leaves no process; it says where replay listens.
+
+
+def test_sigkilled_launcher_leaves_no_process_and_said_where_replay_listens(tmp_path):
+    import portpicker
+    port = portpicker.pick_unused_port()
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(_eosrl("launch", CARTPOLE, "--actors", "1", "--run-dir", str(run_dir),
+                                       "--replay-port", str(port), *QUICK, "--set", "run.total_env_steps=200000"),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: {"learner", "actor_0", "evaluator", "replay"} <= set(_pids(run_dir)), 120, "every role")
+        _wait_for(lambda: list(read_metrics(run_dir / "metrics.jsonl", "train")), 180, "learning")
+        pids = {k: v for k, v in _pids(run_dir).items() if k != "launcher"}
+        launcher.kill()
+        _, stderr = launcher.communicate(timeout=10)
+        started = time.time()
+        _wait_for(lambda: not any(_alive(pid) for pid in pids.values()), 15, "every role to end")
+        assert time.time() - started < 15
+    finally:
+        _kill_all(launcher, run_dir)
+    assert f"replay server on port {port} of every network interface, without authentication" in stderr
+    assert f"listening on port {port}" in (run_dir / "logs" / "replay.log").read_text()
+    # They ended the clean way: the learner wrote its final checkpoint.
+    assert [e["status"] for e in _events(run_dir, "learner_finished")] == ["interrupted"]
+
+
+# ----------------------------------------------------------------------------
+# 4. Divergence is reported as divergence, at its update, and stops the learner at once.
+
+
+def test_launch_reports_divergence_at_its_update_and_never_evaluates_nan(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        _eosrl("launch", CARTPOLE, "--actors", "1", "--run-dir", str(run_dir), *QUICK,
+               "--set", "agent.optimizer.name=sgd", "--set", "agent.optimizer.lr=1e6",
+               "--set", "agent.optimizer.momentum=0.0", "--set", "run.total_env_steps=20000",
+               "--set", "run.eval_every=1", "--set", "run.log_every=5000", "--set", "run.checkpoint_every=1",
+               "--set", "replay.checkpoint=false"),
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    [divergence] = _events(run_dir, "divergence")
+    update = divergence["step"]
+    assert divergence["reason"] == "non-finite loss" and divergence["loss"] in ("nan", "inf", "-inf")
+    assert f"the learner diverged: the TD loss became non-finite at update {update}" in result.stderr
+    assert "learner_died" not in result.stdout and "--resume" not in result.stderr
+    assert "Run diverged" in result.stdout and "final evaluation" not in result.stdout
+    [finished] = _events(run_dir, "learner_finished")
+    assert finished["status"] == "diverged" and finished["diverged_at"] == update
+    assert finished["step"] <= update + 1  # stopped within one update, not at the next log
+    # The train record of that window shows the non-finite loss at once.
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", "train")] == [finished["step"]]
+    # Only finite parameters were evaluated or saved.
+    assert all(r["step"] < update for r in read_metrics(run_dir / "metrics.jsonl", "eval"))
+    for path in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        assert checkpoint.read_meta(path)["learner_step"] < update
+
+
+def test_train_reports_divergence_at_its_update(tmp_path):
+    from launch.train import train
+    config = load_config(CARTPOLE, ["agent.optimizer.name=sgd", "agent.optimizer.lr=1e6",
+                                    "agent.optimizer.momentum=0.0", "run.total_env_steps=5000",
+                                    "replay.min_size=500", "run.log_every=4000", "run.eval_every=1000",
+                                    "run.eval_episodes=1", "replay.checkpoint=false"])
+    summary = train(config, tmp_path / "run", progress=False)
+    assert summary["status"] == "diverged" and summary["final_eval_return"] is None
+    [divergence] = _events(tmp_path / "run", "divergence")
+    update = divergence["step"]
+    assert 0 < update < 4000 and f"non-finite at update {update}" in summary["message"]
+    train_records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
+    assert [r["step"] for r in train_records] == [summary["learner_updates"]]
+    assert summary["learner_updates"] <= update + 1
+    assert all(r["step"] < update for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "eval"))
+
+
+# ----------------------------------------------------------------------------
+# 6. Env steps survive a replay-server kill: the resumed run ends exactly at its budget.
+
+
+def test_replay_server_kill_then_resume_ends_at_the_budget(tmp_path):
+    run_dir = tmp_path / "run"
+    # n_step 1: every env step is one replay insert, so the count can be checked exactly.
+    sets = [*QUICK, "--set", "agent.n_step=1", "--set", "run.checkpoint_every=1000",
+            "--set", "run.total_env_steps=6000"]
+    launcher = subprocess.Popen(_eosrl("launch", CARTPOLE, "--actors", "2", "--run-dir", str(run_dir), *sets),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: checkpoint.latest(run_dir / "checkpoints") is not None, 240, "a first checkpoint")
+        os.kill(_pids(run_dir)["replay"], signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        _kill_all(launcher, run_dir)
+    assert launcher.returncode == 1
+    assert "the replay server exited with code -9" in stderr and f"eosrl launch --resume {run_dir}" in stderr
+    saved = checkpoint.read_meta(checkpoint.latest(run_dir / "checkpoints"))
+    assert 0 < saved["env_steps"] < 6000
+
+    resumed = subprocess.run(_eosrl("launch", "--resume", str(run_dir), "--no-progress"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finished = _events(run_dir, "learner_finished")[-1]
+    assert finished["status"] == "completed"
+    assert finished["env_steps"] == 6000  # not restarted at 0, not past the budget
+    steps = [r["env_steps"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]
+    assert steps == sorted(steps)
+    actors = list(read_metrics(run_dir / "metrics.jsonl", "actor"))
+    assert max(r["env_steps"] for r in actors if r["actor"] == 0) <= 3000
+
+
+# ----------------------------------------------------------------------------
+# 7. The evaluation schedule keeps its multiples across a resume.
+
+
+def test_evaluation_schedule_survives_resume(tmp_path):
+    from launch.train import train
+    sets = ["run.total_env_steps=1500", "replay.min_size=500", "run.eval_every=400", "run.eval_episodes=1",
+            "run.checkpoint_every=1000", "run.log_every=500", "replay.checkpoint=false"]
+    train(load_config(CARTPOLE, sets), tmp_path / "run", progress=False)
+    config = load_config(CARTPOLE, [*sets, "run.total_env_steps=2500"])
+    train(config, tmp_path / "run", resume=True, progress=False)
+    steps = [r["env_steps"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "eval")]
+    # Every 400 env steps, then the final evaluation of each run; the resumed run (from the
+    # checkpoint at 1500) evaluates at 1600, not 400 steps after the resume point.
+    assert steps == [400, 800, 1200, 1500, 1600, 2000, 2400, 2500]
+
+
+# ----------------------------------------------------------------------------
+# 5. What run.seed covers: everything up to the first sampled batch (README, Reproducibility).
+
+
+def _warmup_dataset(tmp_path, name, seed):
+    from agents.dataset import DatasetReader
+    from launch.train import train
+    data = tmp_path / name / "dataset"
+    train(load_config(CARTPOLE, [f"run.seed={seed}", "run.total_env_steps=600", "replay.min_size=600",
+                                 "run.eval_every=0", "run.eval_episodes=1", "replay.checkpoint=false",
+                                 f"replay.record_to={data}"]), tmp_path / name, progress=False)
+    return [e.frames for e in DatasetReader(data).iter_episodes()], DatasetReader(data).load_shard(0)
+
+
+def test_same_seed_gives_the_same_run_up_to_the_first_sampled_batch(tmp_path):
+    from launch.train import Components
+    frames_a, rows_a = _warmup_dataset(tmp_path, "a", seed=3)
+    frames_b, rows_b = _warmup_dataset(tmp_path, "b", seed=3)
+    frames_c, _ = _warmup_dataset(tmp_path, "c", seed=4)
+    assert len(frames_a) == len(frames_b) > 5
+    for a, b in zip(frames_a, frames_b):
+        np.testing.assert_array_equal(a, b)
+    for key in rows_a:
+        np.testing.assert_array_equal(rows_a[key], rows_b[key])
+    assert len(frames_a) != len(frames_c) or any(not np.array_equal(a, c) for a, c in zip(frames_a, frames_c))
+    init = [Components(load_config(CARTPOLE, [f"run.seed={s}"])).learner().state.params for s in (3, 3, 4)]
+    leaves = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(p)]) for p in init]
+    np.testing.assert_array_equal(leaves[0], leaves[1])
+    assert not np.array_equal(leaves[0], leaves[2])
