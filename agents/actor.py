@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents import networks
-from agents.config import AgentConfig
+from eosrl.agents import networks
+from eosrl.agents.config import AgentConfig
 
 
 def linear_epsilon(start: float, end: float, decay_steps: int) -> Callable[[int], float]:
@@ -96,7 +96,7 @@ class Actor:
         # Seed only the first reset: later resets continue the env's own RNG stream.
         seed = self._seed if self._obs is None and self.steps == 0 else None
         self._obs, _ = self.env.reset(seed=seed)
-        self.adder.observe_first(self._obs)
+        self.adder.add_first(self._obs)
         if self.recorder is not None:
             self.recorder.add_first(self._obs)
 
@@ -111,12 +111,11 @@ class Actor:
         self.steps += 1
         self.stats.step(float(reward))
         train_reward = float(np.clip(reward, -1.0, 1.0)) if self.clip_rewards else float(reward)
+        life_loss = bool(info.get("life_loss", False))  # reported under the Nature preset only
+        self.adder.add(action, train_reward, terminated, truncated, next_obs, life_loss)
+        if self.recorder is not None:  # the dataset keeps the raw reward
+            self.recorder.add(action, float(reward), terminated, truncated, next_obs, life_loss)
         episode_over = terminated or truncated
-        terminal = terminated or bool(info.get("life_loss", False))
-        self.adder.observe(action, train_reward, terminal, next_obs, episode_over)
-        if self.recorder is not None:
-            self.recorder.add(action, float(reward), terminated, truncated, next_obs,
-                              life_loss=bool(info.get("life_loss", False)))
         self._obs = next_obs
         if episode_over:
             self.stats.end()

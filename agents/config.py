@@ -12,9 +12,11 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 import yaml
+
+from eosrl.envs.config import EnvConfig
 
 
 class ConfigError(ValueError):
@@ -22,27 +24,12 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class EnvConfig:
-    kind: str = "gym"
-    """Environment family: `atari` (ale-py), `minatar` (the minatar package) or `gym` (classic control)."""
-    id: str = "CartPole-v1"
-    """Game or env id: `Pong` for atari, `breakout` for minatar, `CartPole-v1` for gym."""
-    preset: str = "dopamine"
-    """Atari protocol: `dopamine` (sticky actions 0.25, no life-loss terminal, no noop starts) or
-    `nature` (no sticky actions, up to 30 noop starts, life loss ends the learning episode)."""
-    clip_rewards: bool = False
-    """Clip training rewards to [-1, 1] (the DQN Atari protocol); returns are always reported unclipped."""
-    max_episode_frames: int = 108_000
-    """Atari episode cap in emulator frames (30 minutes at 60 fps)."""
-
-
-@dataclass
 class OptimizerConfig:
-    name: str = "adam"
+    name: Literal["sgd", "rmsprop", "adam"] = "adam"
     """`sgd` (optionally heavy-ball or Nesterov momentum), `rmsprop` or `adam`."""
     lr: float = 1e-3
     """Learning rate (the initial value when `lr_schedule` is not constant)."""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "linear"] = "constant"
     """`constant` or `linear` (from `lr` to `lr_end` over `lr_decay_updates` updates)."""
     lr_end: float = 0.0
     """Final learning rate of the `linear` schedule."""
@@ -71,11 +58,11 @@ class SpectralNormConfig:
     layers: str = "none"
     """Layers to normalise: negative indices from the output as in Gogianu et al. (2021)
     (`"-2"` is the penultimate layer, `"-2,-3"`), layer names (`"dense_0"`), `"all"` or `"none"`."""
-    mode: str = "divide"
+    mode: Literal["divide", "clip", "log"] = "divide"
     """`divide` (W/σ), `clip` (W/max(1, σ): only shrink) or `log` (measure σ, leave W as it is)."""
     power_iterations: int = 1
     """Power-iteration steps per learner update; the vectors persist in the network state."""
-    conv: str = "reshape"
+    conv: Literal["reshape", "operator"] = "reshape"
     """σ of a convolution: `reshape` (norm of the kernel reshaped to a matrix, the usual
     approximation) or `operator` (true operator norm of the convolution for its input shape)."""
     scale_lr: bool = False
@@ -86,9 +73,9 @@ class SpectralNormConfig:
 
 @dataclass
 class AgentConfig:
-    kind: str = "dqn"
+    kind: Literal["dqn", "c51"] = "dqn"
     """`dqn` (Huber TD loss) or `c51` (categorical cross-entropy loss)."""
-    network: str = "auto"
+    network: Literal["auto", "mlp", "minatar_cnn", "nature_cnn"] = "auto"
     """`mlp`, `minatar_cnn`, `nature_cnn`, or `auto` (chosen from the env kind)."""
     hidden_sizes: List[int] = field(default_factory=lambda: [64, 64])
     """Hidden layer widths of the `mlp` network."""
@@ -174,11 +161,11 @@ class ProbeConfig:
     """Top eigenvalues reported (sorted by value, largest first)."""
     iterations: int = 20
     """Lanczos iterations (Hessian-vector products) per probe; power iterations for `power`."""
-    method: str = "lanczos"
+    method: Literal["lanczos", "power"] = "lanczos"
     """`lanczos` (full reorthogonalisation) or `power` (top eigenvalue by deflated power iteration)."""
     smallest: bool = False
     """Also estimate the smallest eigenvalue (negative curvature)."""
-    batch: str = "fixed"
+    batch: Literal["fixed", "fresh"] = "fixed"
     """`fixed`: one batch drawn when learning starts and reused (kept in checkpoints); `fresh`: a new batch each probe."""
     batch_size: int = 512
     """Transitions in the probe batch, independent of the training batch."""
@@ -190,7 +177,7 @@ class ProbeConfig:
 class DistributedConfig:
     num_actors: int = 2
     """Actor processes started by `eosrl launch` (`--actors` overrides it)."""
-    actor_epsilon: str = "schedule"
+    actor_epsilon: Literal["schedule", "apex"] = "schedule"
     """`schedule`: every actor follows agent.epsilon_*; `apex`: actor i of N keeps the fixed
     ε_i = apex_epsilon^(1 + apex_alpha·i/(N−1)) of Ape-X (Horgan et al., 2018)."""
     apex_epsilon: float = 0.4
@@ -209,7 +196,7 @@ class DistributedConfig:
 
 @dataclass
 class RegimeConfig:
-    mode: str = "online"
+    mode: Literal["online", "offline", "offline_to_online"] = "online"
     """`online` (actors collect), `offline` (learn from `dataset` only) or `offline_to_online`
     (replay starts with `dataset`, then actors add data)."""
     dataset: str = ""
@@ -218,7 +205,7 @@ class RegimeConfig:
     """Transitions of the dataset to use: `all`, `first N`, `last N` or `random N` (seeded by run.seed)."""
     corruption: float = 0.0
     """Fraction of the used transitions whose `corruption_field` is replaced at random."""
-    corruption_field: str = "actions"
+    corruption_field: Literal["actions", "rewards"] = "actions"
     """`actions` (uniform random action) or `rewards` (drawn from the dataset's reward values)."""
 
 
@@ -236,16 +223,6 @@ class Config:
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-ENV_KINDS = ("atari", "minatar", "gym")
-AGENT_KINDS = ("dqn", "c51")
-NETWORKS = ("auto", "mlp", "minatar_cnn", "nature_cnn")
-OPTIMIZERS = ("sgd", "rmsprop", "adam")
-LR_SCHEDULES = ("constant", "linear")
-ATARI_PRESETS = ("dopamine", "nature")
-SN_MODES = ("divide", "clip", "log")
-SN_CONV = ("reshape", "operator")
-PROBE_METHODS = ("lanczos", "power")
-PROBE_BATCHES = ("fixed", "fresh")
 
 
 # ----------------------------------------------------------------------------
@@ -261,8 +238,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {getattr(tp, '__name__', tp)} fields, got {value!r}")
         return _build(tp, value, key + ".")
+    if origin is Literal:  # the allowed values, declared once on the field
+        valid = typing.get_args(tp)
+        if value not in valid:
+            raise ConfigError(f"{key}: unknown value {value!r} (valid: {', '.join(map(str, valid))})")
+        return value
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -381,11 +363,6 @@ def save_config(config: Config, path: str | Path) -> None:
 # Values that type-check but cannot run.
 
 
-def _one_of(key: str, value: str, valid) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}: unknown value {value!r} (valid: {', '.join(valid)})")
-
-
 def _positive(key: str, value, allow_zero: bool = False) -> None:
     # `not value >= 0` also catches NaN, which passes every ordered comparison's negation.
     if not value >= 0 or (value == 0 and not allow_zero) or value == math.inf:
@@ -404,14 +381,8 @@ def parse_subset(subset: str) -> tuple:
 
 
 def validate(c: Config) -> None:
-    _one_of("env.kind", c.env.kind, ENV_KINDS)
-    _one_of("env.preset", c.env.preset, ATARI_PRESETS)
     _positive("env.max_episode_frames", c.env.max_episode_frames)
     a, o = c.agent, c.agent.optimizer
-    _one_of("agent.kind", a.kind, AGENT_KINDS)
-    _one_of("agent.network", a.network, NETWORKS)
-    _one_of("agent.optimizer.name", o.name, OPTIMIZERS)
-    _one_of("agent.optimizer.lr_schedule", o.lr_schedule, LR_SCHEDULES)
     _positive("agent.optimizer.lr", o.lr)
     _positive("agent.optimizer.lr_end", o.lr_end, allow_zero=True)
     if o.lr_schedule == "linear":
@@ -441,8 +412,6 @@ def validate(c: Config) -> None:
             raise ConfigError(f"agent.{key}: must be in [0, 1], got {value}")
     _positive("agent.epsilon_decay_steps", a.epsilon_decay_steps, allow_zero=True)
     sn = a.spectral_norm
-    _one_of("agent.spectral_norm.mode", sn.mode, SN_MODES)
-    _one_of("agent.spectral_norm.conv", sn.conv, SN_CONV)
     _positive("agent.spectral_norm.power_iterations", sn.power_iterations)
     r = c.replay
     _positive("replay.capacity", r.capacity)
@@ -461,8 +430,6 @@ def validate(c: Config) -> None:
     _positive("run.keep_checkpoints", u.keep_checkpoints)
     _positive("run.log_every", u.log_every)
     p = c.probe
-    _one_of("probe.method", p.method, PROBE_METHODS)
-    _one_of("probe.batch", p.batch, PROBE_BATCHES)
     _positive("probe.every", p.every)
     _positive("probe.num_eigs", p.num_eigs)
     _positive("probe.batch_size", p.batch_size)
@@ -472,7 +439,6 @@ def validate(c: Config) -> None:
     if p.enabled and p.batch_size > r.capacity:
         raise ConfigError(f"probe.batch_size: {p.batch_size} is larger than replay.capacity {r.capacity}")
     d = c.distributed
-    _one_of("distributed.actor_epsilon", d.actor_epsilon, ("schedule", "apex"))
     _positive("distributed.num_actors", d.num_actors)
     _positive("distributed.param_refresh_steps", d.param_refresh_steps)
     _positive("distributed.publish_every", d.publish_every)
@@ -481,8 +447,6 @@ def validate(c: Config) -> None:
     if not 0.0 < d.apex_epsilon < 1.0:
         raise ConfigError(f"distributed.apex_epsilon: must be in (0, 1), got {d.apex_epsilon}")
     g = c.regime
-    _one_of("regime.mode", g.mode, ("online", "offline", "offline_to_online"))
-    _one_of("regime.corruption_field", g.corruption_field, ("actions", "rewards"))
     if not 0.0 <= g.corruption <= 1.0:
         raise ConfigError(f"regime.corruption: must be in [0, 1], got {g.corruption}")
     parse_subset(g.subset)

@@ -4,33 +4,16 @@ they came from actors or from a recorded dataset.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from agents import checkpoint, losses, networks, spectral_norm
-from agents.config import AgentConfig
-from agents.optimizers import learning_rate, make_optimizer
-
-
-class Transition(NamedTuple):
-    obs: Any          # [B, *obs_shape] observation at t
-    action: Any       # [B] int32
-    reward: Any       # [B] n-step return r_t + γ r_{t+1} + ...
-    discount: Any     # [B] γ^m (0 after a terminal) for bootstrapping from next_obs
-    next_obs: Any     # [B, *obs_shape] observation at t + m
-
-
-class LearnerState(NamedTuple):
-    params: Any
-    target_params: Any
-    net_state: Any          # SN power-iteration vectors of the online network
-    target_net_state: Any
-    opt_state: Any
-    step: jnp.ndarray       # learner updates done
-    rng: jnp.ndarray
+from eosrl.agents import checkpoint, losses, networks, spectral_norm
+from eosrl.agents.config import AgentConfig
+from eosrl.agents.optimizers import learning_rate, make_optimizer
+from eosrl.agents.types import LearnerState, NetState, Params, Transition
 
 
 def make_loss_fn(network: networks.Network, agent: AgentConfig) -> Callable:
@@ -54,6 +37,7 @@ def make_loss_fn(network: networks.Network, agent: AgentConfig) -> Callable:
         else:
             if q_t_selector is None:
                 q_t_selector = networks.q_values(network, out_t_target)
+            assert network.atoms is not None  # a C51 network has its support
             loss = losses.c51_loss(out_tm1, action, batch.reward, batch.discount,
                                    out_t_target, q_t_selector, network.atoms)
         mean_q = jnp.mean(networks.q_values(network, out_tm1))
@@ -121,7 +105,7 @@ class Learner:
         lr = self._lr
         return float(lr(self.state.step)) if callable(lr) else float(lr)
 
-    def acting_params(self):
+    def acting_params(self) -> Tuple[Params, NetState]:
         """What actors and evaluators need: online params and the SN vectors."""
         return self.state.params, self.state.net_state
 

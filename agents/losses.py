@@ -19,9 +19,10 @@ def dqn_loss(q_tm1: jnp.ndarray, a_tm1: jnp.ndarray, r_t: jnp.ndarray,
     chex.assert_rank([q_tm1, a_tm1, r_t, discount_t, q_t_target], [2, 1, 1, 1, 2])
     chex.assert_equal_shape([q_tm1, q_t_target])
     if q_t_selector is None:
-        td = jax.vmap(rlax.q_learning)(q_tm1, a_tm1, r_t, discount_t, q_t_target)
+        td = jnp.asarray(jax.vmap(rlax.q_learning)(q_tm1, a_tm1, r_t, discount_t, q_t_target))
     else:
-        td = jax.vmap(rlax.double_q_learning)(q_tm1, a_tm1, r_t, discount_t, q_t_target, q_t_selector)
+        td = jnp.asarray(jax.vmap(rlax.double_q_learning)(q_tm1, a_tm1, r_t, discount_t, q_t_target,
+                                                          q_t_selector))
     return jnp.mean(rlax.huber_loss(td, huber_delta))
 
 

@@ -9,15 +9,15 @@ iteration vectors of spectrally normalised layers (empty without SN).
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents.config import AgentConfig
-from agents import spectral_norm
+from eosrl.agents.config import AgentConfig
+from eosrl.agents import spectral_norm
 
 
 class Network(NamedTuple):
@@ -87,7 +87,7 @@ def make_network(agent: AgentConfig, env_kind: str, obs_shape: Sequence[int],
             return out.reshape(out.shape[:-1] + (num_actions, num_atoms))
         return out
 
-    transformed = hk.without_apply_rng(hk.transform_with_state(forward))
+    transformed: Any = hk.without_apply_rng(hk.transform_with_state(forward))
     atoms = (jnp.linspace(agent.v_min, agent.v_max, agent.num_atoms)
              if agent.kind == "c51" else None)
     dummy = np.zeros((1,) + tuple(obs_shape), np.float32)

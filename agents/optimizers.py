@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import optax
 
-from agents.config import OptimizerConfig
+from eosrl.agents.config import OptimizerConfig
 
 
 def learning_rate(config: OptimizerConfig):

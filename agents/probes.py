@@ -33,9 +33,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from agents import networks
-from agents.config import OptimizerConfig, ProbeConfig
-from agents.thresholds import is_adaptive, stability_threshold
+from eosrl.agents import networks
+from eosrl.agents.config import OptimizerConfig, ProbeConfig
+from eosrl.agents.thresholds import is_adaptive, stability_threshold
 
 Matvec = Callable[[jnp.ndarray], jnp.ndarray]
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import reverb  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from agents.learner import Transition  # noqa: E402
+from eosrl.agents.types import Transition  # noqa: E402
 
 REPLAY_TABLE = "replay"
 # The signature's fields in its flat order (sorted keys, as tree.flatten orders a dict),
@@ -93,10 +93,10 @@ def start_server(tables: List[reverb.Table], port: Optional[int] = None,
 class TransitionAdder:
     """Writes n-step transitions of one actor's episodes into the replay table.
 
-    Call `observe_first(obs)` after a reset and `observe(action, reward,
-    terminal, next_obs, episode_over)` after each step: `terminal` ends
-    bootstrapping (a true terminal or a life loss under the Nature preset),
-    `episode_over` ends the stream (terminal or time limit).
+    An `Adder` (agents/types.py): `add_first(obs)` after a reset, `add(action,
+    reward, terminated, truncated, next_obs, life_loss)` after each step. A
+    termination or a life loss (reported by the env under the Nature preset)
+    ends bootstrapping; a termination or a truncation ends the stream.
     """
 
     def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
@@ -141,7 +141,7 @@ class TransitionAdder:
         first = len(self._frames) - self._stack - self._row  # deque position of row 0
         return [self._frames[first + t + i] for i in range(self._stack)]
 
-    def observe_first(self, obs: np.ndarray) -> None:
+    def add_first(self, obs: np.ndarray) -> None:
         self._frames.clear()
         for i in range(self._stack - 1):
             self._append(obs[..., i])
@@ -179,11 +179,12 @@ class TransitionAdder:
             except reverb.errors.DeadlineExceededError:
                 continue
 
-    def observe(self, action: int, reward: float, terminal: bool, next_obs: np.ndarray,
-                episode_over: bool) -> None:
+    def add(self, action: int, reward: float, terminated: bool, truncated: bool, next_obs: np.ndarray,
+            life_loss: bool = False) -> None:
+        episode_over = terminated or truncated
         self._actions.append(int(action))
         self._rewards.append(float(reward))
-        self._continues.append(0.0 if terminal else 1.0)
+        self._continues.append(0.0 if terminated or life_loss else 1.0)
         self._row += 1
         start = self._row - self._n
         # A terminal inside the window makes later frames irrelevant, but the

@@ -18,7 +18,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from agents.config import ConfigError, SpectralNormConfig
+from eosrl.agents.config import ConfigError, SpectralNormConfig
 
 _EPS = 1e-12
 

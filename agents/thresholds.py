@@ -17,7 +17,7 @@ decaying schedule the threshold rises over training.
 """
 from __future__ import annotations
 
-from agents.config import OptimizerConfig
+from eosrl.agents.config import OptimizerConfig
 
 ADAPTIVE_OPTIMIZERS = ("rmsprop", "adam")
 

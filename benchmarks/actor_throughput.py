@@ -21,11 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from agents.actor import make_policy  # noqa: E402
-from agents.config import load_config  # noqa: E402
-from envs.factory import make_env  # noqa: E402
-from launch.roles import ParamsChannel, connect  # noqa: E402
-from launch.train import Components  # noqa: E402
+from eosrl.agents.actor import make_policy  # noqa: E402
+from eosrl.agents.config import load_config  # noqa: E402
+from eosrl.envs.factory import make_env  # noqa: E402
+from eosrl.launch.channels import ParamsChannel, connect  # noqa: E402
+from eosrl.agents.builder import Builder  # noqa: E402
 
 
 def bare_loop(config, parts, steps: int) -> float:
@@ -51,13 +51,13 @@ def actor_process(config_path: str, parts, steps: int, tmp: Path) -> float:
     # No learner samples here, so the rate limiter gets a buffer that never blocks inserts.
     big = ["--set", f"replay.capacity={steps + 1000}", "--set", "replay.min_size=32",
            "--set", "distributed.error_buffer=1e12"]
-    server = subprocess.Popen([sys.executable, "-m", "launch.cli", "replay-server", config_path,
+    server = subprocess.Popen([sys.executable, "-m", "eosrl.launch.cli", "replay-server", config_path,
                                "--port", str(port), *big], cwd=ROOT)
     try:
         client = connect(address)
         params, net_state = parts.network.init(jax.random.PRNGKey(0))
-        ParamsChannel(client, (params, net_state)).publish(params, net_state, 0)
-        actor = subprocess.run([sys.executable, "-m", "launch.cli", "actor", config_path, "--replay", address,
+        ParamsChannel(client, (params, net_state)).publish(params, net_state, 0, 0)
+        actor = subprocess.run([sys.executable, "-m", "eosrl.launch.cli", "actor", config_path, "--replay", address,
                                 "--id", "0", "--num-actors", "1", "--steps", str(steps),
                                 "--run-dir", str(tmp), *big], cwd=ROOT, capture_output=True, text=True)
         assert actor.returncode == 0, actor.stderr[-2000:]
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20_000)
     args = parser.parse_args()
     config = load_config(args.config)
-    parts = Components(config)
+    parts = Builder(config)
     bare = bare_loop(config, parts, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         actor = actor_process(args.config, parts, args.steps, Path(tmp))

@@ -18,11 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch.rundir import read_metrics  # noqa: E402
+from eosrl.launch.rundir import read_metrics  # noqa: E402
 
 
 def run(config: str, actors: int, env_steps: int, run_dir: Path) -> dict:
-    cmd = [sys.executable, "-m", "launch.cli", "launch", config, "--actors", str(actors),
+    cmd = [sys.executable, "-m", "eosrl.launch.cli", "launch", config, "--actors", str(actors),
            "--run-dir", str(run_dir), "--no-progress", "--set", f"run.total_env_steps={env_steps}",
            "--set", "run.eval_every=0", "--set", "run.eval_episodes=1", "--set", "replay.min_size=2000",
            "--set", "replay.checkpoint=false", "--set", "run.log_every=1000"]

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from agents.probes import top_eigenvalues  # noqa: E402
+from eosrl.agents.probes import top_eigenvalues  # noqa: E402
 
 DEFAULT_PLOT = ROOT / "benchmarks" / "plots" / "eos_supervised.png"
 

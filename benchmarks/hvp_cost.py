@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from agents import networks  # noqa: E402
-from agents.config import AgentConfig  # noqa: E402
-from agents.learner import Transition, make_loss_fn  # noqa: E402
-from agents.probes import make_hvp  # noqa: E402
+from eosrl.agents import networks  # noqa: E402
+from eosrl.agents.config import AgentConfig  # noqa: E402
+from eosrl.agents.learner import Transition, make_loss_fn  # noqa: E402
+from eosrl.agents.probes import make_hvp  # noqa: E402
 
 CASES = {
     # name: (env kind, observation shape, observation dtype)

@@ -20,9 +20,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import reverb  # noqa: E402
 
-from agents import replay  # noqa: E402
-from agents.config import load_config  # noqa: E402
-from launch.train import Components  # noqa: E402
+from eosrl.agents import replay  # noqa: E402
+from eosrl.agents.config import load_config  # noqa: E402
+from eosrl.agents.builder import Builder  # noqa: E402
 
 CONFIGS = {"minatar": "configs/dqn_minatar_breakout.yaml", "atari": "configs/dqn_atari_pong.yaml"}
 
@@ -40,9 +40,9 @@ def fill(client, parts, transitions: int, seed: int = 0) -> None:
 
     written = 0
     while written < transitions:
-        adder.observe_first(obs())
+        adder.add_first(obs())
         for t in range(100):
-            adder.observe(int(rng.integers(spec.num_actions)), float(rng.normal()), False, obs(), t == 99)
+            adder.add(int(rng.integers(spec.num_actions)), float(rng.normal()), False, t == 99, obs())
         written += 100
     adder.flush()
     adder.close()
@@ -66,11 +66,11 @@ def main() -> None:
     args = parser.parse_args()
     count = args.updates or (2000 if args.env == "minatar" else 100)
     config = load_config(CONFIGS[args.env], [f"replay.batch_size={args.batch_size}"])
-    parts = Components(config)
+    parts = Builder(config)
     server = replay.start_server([replay.replay_table(20_000, 1000, parts.signature())])
     client = reverb.Client(f"localhost:{server.port}")
     fill(client, parts, 5000 if args.env == "minatar" else 2000)
-    learner = parts.learner()
+    learner = parts.make_learner()
 
     fixed = jax.device_put(replay.sample_items(client, args.batch_size, parts.signature()))
     bare = time_updates(lambda: learner.update(fixed), count)

@@ -16,9 +16,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.config import load_config  # noqa: E402
-from launch.rundir import read_metrics  # noqa: E402
-from launch.train import train  # noqa: E402
+from eosrl.agents.config import load_config  # noqa: E402
+from eosrl.launch.rundir import read_metrics  # noqa: E402
+from eosrl.launch.train import train  # noqa: E402
 
 
 def timed_run(probe: bool, env_steps: int, directory: Path) -> tuple:

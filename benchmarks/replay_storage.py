@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import reverb  # noqa: E402
 
-from agents import replay  # noqa: E402
-from agents.config import load_config  # noqa: E402
-from envs.factory import make_env  # noqa: E402
-from launch.train import Components  # noqa: E402
+from eosrl.agents import replay  # noqa: E402
+from eosrl.agents.config import load_config  # noqa: E402
+from eosrl.envs.factory import make_env  # noqa: E402
+from eosrl.agents.builder import Builder  # noqa: E402
 
 FRAME_BYTES = 84 * 84
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--n-step", type=int, default=1)
     args = parser.parse_args()
     config = load_config("configs/dqn_atari_pong.yaml")
-    parts = Components(config)
+    parts = Builder(config)
     with tempfile.TemporaryDirectory() as tmp:
         server = replay.start_server(
             [replay.replay_table(args.transitions + 10, 1, parts.signature())], checkpoint_dir=tmp)
@@ -52,14 +52,14 @@ def main() -> None:
         rng = np.random.default_rng(0)
         start = time.time()
         obs, _ = env.reset()
-        adder.observe_first(obs)
+        adder.add_first(obs)
         while adder.items_written < args.transitions:
             action = int(rng.integers(parts.spec.num_actions))
             obs, reward, terminated, truncated, _ = env.step(action)
-            adder.observe(action, float(np.clip(reward, -1, 1)), terminated, obs, terminated or truncated)
+            adder.add(action, float(np.clip(reward, -1, 1)), terminated, truncated, obs)
             if terminated or truncated:
                 obs, _ = env.reset()
-                adder.observe_first(obs)
+                adder.add_first(obs)
         adder.flush()
         items = replay.table_size(client)
         path = Path(client.checkpoint())

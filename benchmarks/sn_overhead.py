@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from agents.config import AgentConfig, SpectralNormConfig  # noqa: E402
-from agents.learner import Learner, Transition  # noqa: E402
-from agents.networks import make_network  # noqa: E402
+from eosrl.agents.config import AgentConfig, SpectralNormConfig  # noqa: E402
+from eosrl.agents.learner import Learner, Transition  # noqa: E402
+from eosrl.agents.networks import make_network  # noqa: E402
 
 # (env kind, obs shape, obs dtype, updates per timed repeat). A Nature update
 # on 2 CPU cores takes tens of ms, so its repeats are short to keep the run under 2 minutes.

@@ -28,18 +28,17 @@ import functools
 import re
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import get_args
 
 import gymnasium
 import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformObservation
 
-if TYPE_CHECKING:
-    from agents.config import EnvConfig
+from eosrl.envs.config import AtariPreset, EnvConfig, EnvKind
 
-ENV_KINDS = ("atari", "minatar", "gym")
-ATARI_PRESETS = ("dopamine", "nature")
+ENV_KINDS = get_args(EnvKind)
+ATARI_PRESETS = get_args(AtariPreset)
 MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
 # The discrete-action classic-control envs; other registered ids pass if their spaces fit.
 CLASSIC_CONTROL_IDS = ("Acrobot-v1", "CartPole-v0", "CartPole-v1", "MountainCar-v0")
@@ -178,7 +177,7 @@ class _LifeLoss(gymnasium.Wrapper):
         self._lives = 0
 
     def _current_lives(self) -> int:
-        return self.env.unwrapped.ale.lives() if self._track else 0
+        return self.env.unwrapped.ale.lives() if self._track else 0  # type: ignore[attr-defined]
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)
@@ -198,6 +197,7 @@ class _Float32Obs(gymnasium.ObservationWrapper):
     def __init__(self, env: gymnasium.Env):
         super().__init__(env)
         space = env.observation_space
+        assert isinstance(space, spaces.Box)
         self.observation_space = spaces.Box(
             space.low.astype(np.float32), space.high.astype(np.float32), space.shape, np.float32)
 
@@ -301,16 +301,16 @@ def frame_shape(config: EnvConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _spec(kind: str, env_id: str, preset: str, max_episode_frames: int) -> EnvSpec:
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(kind=kind, id=env_id, preset=preset, clip_rewards=False,
-                             max_episode_frames=max_episode_frames)
+def _spec(kind: EnvKind, env_id: str, preset: AtariPreset, max_episode_frames: int) -> EnvSpec:
+    config = EnvConfig(kind=kind, id=env_id, preset=preset, clip_rewards=False,
+                       max_episode_frames=max_episode_frames)
     env = make_env(config, seed=0)
     try:
-        obs_space, num_actions = env.observation_space, int(env.action_space.n)
+        obs_space, action_space = env.observation_space, env.action_space
     finally:
         env.close()
+    assert isinstance(action_space, spaces.Discrete) and obs_space.shape is not None
+    num_actions = int(action_space.n)
     obs_shape = tuple(obs_space.shape)
     stack = frame_stack(config)
     return EnvSpec(obs_shape=obs_shape, obs_dtype=np.dtype(obs_space.dtype), num_actions=num_actions,

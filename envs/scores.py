@@ -6,7 +6,7 @@ and every non-Atari env, have no reference and get None.
 """
 from __future__ import annotations
 
-from envs.factory import game_key
+from eosrl.envs.factory import game_key
 
 # game: (random score, human score)
 ATARI_REFERENCE_SCORES = {

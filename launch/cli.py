@@ -30,10 +30,10 @@ def _fail(message: str) -> int:
 def _load(config_path: str, overrides: List[str], verify_dataset: str = "none"):
     """The checked config. `verify_dataset="open"` also checks every shard's checksum of
     the regime's dataset: the commands that create a run directory do, before creating it."""
-    from agents.config import load_config
-    from agents.networks import layer_names, resolve_network
-    from agents import spectral_norm
-    from envs.factory import validate_env_config
+    from eosrl.agents.config import load_config
+    from eosrl.agents.networks import layer_names, resolve_network
+    from eosrl.agents import spectral_norm
+    from eosrl.envs.factory import validate_env_config
     config = load_config(config_path, overrides)
     validate_env_config(config.env)
     # Layer selection depends on the network, so check it here too.
@@ -41,8 +41,8 @@ def _load(config_path: str, overrides: List[str], verify_dataset: str = "none"):
     spectral_norm.resolve_layers(config.agent.spectral_norm.layers,
                                  layer_names(kind, config.agent.hidden_sizes))
     if config.regime.mode != "online":  # a dataset of another env is refused up front
-        from agents.dataset import DatasetReader
-        from envs.factory import env_spec
+        from eosrl.agents.dataset import DatasetReader
+        from eosrl.envs.factory import env_spec
         reader = DatasetReader(config.regime.dataset, verify=verify_dataset)
         reader.check_env(config.env)
         spec = env_spec(config.env)
@@ -50,29 +50,15 @@ def _load(config_path: str, overrides: List[str], verify_dataset: str = "none"):
     return config
 
 
-def _print_summary(summary: dict) -> None:
-    print()
-    print(f"Run {summary['status']}: {summary['env_steps']} env steps, "
-          f"{summary['learner_updates']} learner updates in {summary['wall_seconds']} s")
-    if summary.get("final_eval_return") is not None:
-        print(f"  final evaluation return: {summary['final_eval_return']:.2f}")
-    elif summary.get("last_eval_return") is not None:
-        print(f"  last evaluation return (before the run stopped): {summary['last_eval_return']:.2f}")
-    print(f"  run directory:  {summary['run_dir']}  (metrics.jsonl, tb/, checkpoints/)")
-    if summary.get("checkpoint"):
-        print(f"  last checkpoint: {summary['checkpoint']}")
-    print(f"  next: eosrl evaluate {summary['run_dir']}   |   eosrl plot {summary['run_dir']}")
-
-
 def _run_config(args, command: str):
     """(config, run dir) for train/launch: a new run from CONFIG or --resume RUN_DIR."""
-    from agents.config import save_config
-    from launch.rundir import RunDir
+    from eosrl.agents.config import save_config
+    from eosrl.launch.rundir import RunDir
     if args.resume:
         run_dir = RunDir(args.resume)
         if not run_dir.config.is_file():
             raise UsageError(f"--resume {args.resume}: no config.yaml there (is it a run directory?)")
-        from agents import checkpoint
+        from eosrl.agents import checkpoint
         if checkpoint.latest(run_dir.checkpoints) is None:
             raise UsageError(f"--resume {args.resume}: no checkpoint in {run_dir.checkpoints}")
         config = _load(str(run_dir.config), args.set, verify_dataset="open")
@@ -94,7 +80,7 @@ def _run_config(args, command: str):
 def _delete_run(path: Path) -> None:
     """Deletes an old run for `--overwrite`, and nothing that is not one: the folder must
     hold a run's config.yaml and metrics.jsonl, and must not hold the working directory."""
-    from launch.rundir import RunDir
+    from eosrl.launch.rundir import RunDir
     if not path.is_dir() or not RunDir(path).is_run():
         raise UsageError(f"--overwrite: {path} is not an eosrl run directory (no config.yaml and "
                          f"metrics.jsonl there); refusing to delete it, choose another --run-dir")
@@ -111,13 +97,12 @@ def _delete_run(path: Path) -> None:
 
 def cmd_train(args) -> int:
     config, path = _run_config(args, "train")
-    from launch.rundir import route_native_logs
+    from eosrl.launch.rundir import route_native_logs
     route_native_logs(path / "native.log")
-    from launch.train import train
+    from eosrl.launch.train import train
+    from eosrl.launch.summary import print_summary
     summary = train(config, path, resume=bool(args.resume), progress=not args.no_progress)
-    _print_summary(summary)
-    if summary.get("message"):
-        print(f"eosrl: {summary['message']}", file=sys.stderr)
+    print_summary(summary)
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -127,26 +112,26 @@ def cmd_launch(args) -> int:
     if args.replay_port is not None and not 1024 <= args.replay_port <= 65535:
         raise UsageError(f"--replay-port {args.replay_port}: must be in 1024..65535")
     config, path = _run_config(args, "launch")
-    from agents.config import save_config
-    from launch.rundir import RunDir, route_native_logs, interrupt_on_stop_signals
+    from eosrl.agents.config import save_config
+    from eosrl.launch.lifeline import stop_on_signals
+    from eosrl.launch.rundir import RunDir, route_native_logs
+    from eosrl.launch.summary import print_summary
     run_dir = RunDir(path).create()
     if not args.resume:
         save_config(config, run_dir.config)
     route_native_logs(run_dir.path / "native.log")
     if args.launcher == "ray":
-        from launch.ray_launcher import launch_ray
+        from eosrl.launch.ray_launcher import launch_ray
         summary = launch_ray(config, run_dir.path, config.distributed.num_actors,
                              resume=bool(args.resume), address=args.ray_address,
                              learner_gpus=args.learner_gpus, port=args.replay_port)
     else:
-        from launch.local import launch_local
-        with interrupt_on_stop_signals():
+        from eosrl.launch.local import launch_local
+        with stop_on_signals():
             summary = launch_local(config, run_dir.path, config.distributed.num_actors,
                                    resume=bool(args.resume), progress=not args.no_progress,
                                    port=args.replay_port)
-    _print_summary(summary)
-    if summary.get("message"):
-        print(f"eosrl: {summary['message']}", file=sys.stderr)
+    print_summary(summary)
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -154,7 +139,7 @@ def _role_setup(args):
     config = _load(args.config, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is not None:
-        from launch.rundir import route_native_logs
+        from eosrl.launch.rundir import route_native_logs
         route_native_logs(run_dir / "logs" / "native.log")
     return config, run_dir
 
@@ -168,7 +153,7 @@ def _address(value: str) -> str:
 
 def cmd_replay_server(args) -> int:
     config, run_dir = _role_setup(args)
-    from launch.roles import run_replay_server
+    from eosrl.launch.roles import run_replay_server
     run_replay_server(config, args.port, run_dir)
     return 0
 
@@ -179,7 +164,7 @@ def cmd_actor(args) -> int:
     num_actors = args.num_actors or config.distributed.num_actors
     if not 0 <= args.id < num_actors:
         raise UsageError(f"--id {args.id}: must be in 0..{num_actors - 1} (--num-actors {num_actors})")
-    from launch.roles import run_actor
+    from eosrl.launch.roles import run_actor
     return run_actor(config, address, args.id, num_actors, args.steps, run_dir, args.start_step)
 
 
@@ -188,20 +173,20 @@ def cmd_learner(args) -> int:
     if not args.run_dir:
         raise UsageError("learner: --run-dir is required (metrics and checkpoints go there)")
     config, run_dir = _role_setup(args)
-    from launch.roles import run_learner
+    from eosrl.launch.roles import run_learner
     return run_learner(config, address, run_dir)
 
 
 def cmd_evaluator(args) -> int:
     address = _address(args.replay)
     config, run_dir = _role_setup(args)
-    from launch.roles import run_evaluator
+    from eosrl.launch.roles import run_evaluator
     return run_evaluator(config, address, run_dir)
 
 
 def _resolve_checkpoint(target: str):
     """(config path, checkpoint path, run dir or None) from a run dir or a checkpoint file."""
-    from agents import checkpoint
+    from eosrl.agents import checkpoint
     path = Path(target)
     if path.is_dir():
         ckpt = checkpoint.latest(path / "checkpoints")
@@ -227,9 +212,9 @@ def cmd_evaluate(args) -> int:
     if args.epsilon is not None and not 0.0 <= args.epsilon <= 1.0:
         raise UsageError(f"--epsilon: must be in [0, 1], got {args.epsilon}")
     config = _load(str(config_path), [])
-    from launch.rundir import route_native_logs
+    from eosrl.launch.rundir import route_native_logs
     route_native_logs(run_path / "native.log")
-    from launch.evaluate import evaluate_checkpoint
+    from eosrl.launch.evaluate import evaluate_checkpoint
     record = evaluate_checkpoint(config, ckpt, run_path, episodes=args.episodes,
                                  epsilon=args.epsilon, video=args.video)
     print(json.dumps(record))
@@ -240,7 +225,7 @@ def cmd_plot(args) -> int:
     for run in args.run_dirs:
         if not (Path(run) / "metrics.jsonl").is_file():
             raise UsageError(f"{run}: no metrics.jsonl (expected a run directory)")
-    from launch.plot import plot_runs
+    from eosrl.launch.plot import plot_runs
     written = plot_runs([Path(r) for r in args.run_dirs], Path(args.out) if args.out else None)
     for path in written:
         print(path)
@@ -250,7 +235,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_dataset_info(args) -> int:
-    from agents.dataset import DatasetReader
+    from eosrl.agents.dataset import DatasetReader
     info = DatasetReader(args.path, verify="open").info()
     if args.json:
         print(json.dumps(info))
@@ -270,7 +255,7 @@ def cmd_dataset_info(args) -> int:
 
 
 def cmd_dataset_import(args) -> int:
-    from agents.dataset import import_dqn_replay
+    from eosrl.agents.dataset import import_dqn_replay
     checkpoints = None
     if args.checkpoints:
         try:
@@ -291,6 +276,47 @@ def build_parser() -> argparse.ArgumentParser:
                     "probes for studying the edge of stability.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run_commands(sub)
+    _add_role_commands(sub)
+    p = sub.add_parser("dataset", help="offline datasets: info, import of the DQN Replay Dataset",
+                       description="Inspect or import offline-RL datasets (docs/dataset_format.md).")
+    dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="SUBCOMMAND")
+    d = dsub.add_parser("info", help="size, episodes, return statistics and env of a dataset",
+                        description="Print a dataset's size, episodes, return statistics and env.")
+    d.add_argument("path")
+    d.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    d.set_defaults(func=cmd_dataset_info)
+    d = dsub.add_parser("import-dqn-replay", help="convert DQN Replay Dataset logs (Agarwal et al. 2020)",
+                        description="Stream Dopamine replay logs ($store$_*_ckpt.N.gz) of one game "
+                                    "and run into an eosrl dataset, one checkpoint at a time.")
+    d.add_argument("src", help="directory with $store$_observation_ckpt.N.gz etc. (one game, one run)")
+    d.add_argument("dst", help="output dataset directory")
+    d.add_argument("--checkpoints", help="comma-separated checkpoint numbers (default: all found)")
+    d.add_argument("--game", default="Pong", help="Atari game the logs belong to (default Pong)")
+    d.set_defaults(func=cmd_dataset_import)
+
+    from eosrl.launch.study import add_study_parser
+    add_study_parser(sub)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's latest checkpoint or a checkpoint file",
+                       description="Evaluate a checkpoint; prints one JSON line and appends an "
+                                   "`eval` record to the run's metrics.")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--episodes", type=int, help="episodes (default run.eval_episodes)")
+    p.add_argument("--epsilon", type=float, help="ε of the evaluation policy (default agent.epsilon_eval)")
+    p.add_argument("--video", metavar="PATH.gif", help="save the first episode as an animated GIF")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="plot sharpness, eigenvalues, loss and returns of runs",
+                       description="Write PNG plots of one or more runs (several runs share each figure).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="directory for the PNGs (default RUN_DIR/plots of the first run)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """`train` and `launch`."""
     p = sub.add_parser("train", help="train in one process (actor, learner, evaluator, in-process Reverb)",
                        description="Train an agent in one process around an in-process Reverb server.")
     p.add_argument("config", nargs="?", help="YAML config, e.g. configs/dqn_cartpole.yaml")
@@ -321,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_launch)
 
+
+
+def _add_role_commands(sub) -> None:
+    """The roles of a distributed run, each started alone with the replay server's address."""
     role_help = "run the {} role alone, connected to a replay server by address"
     p = sub.add_parser("replay-server", help="run the Reverb replay server role",
                        description="Serve the `replay` and `params` tables of CONFIG.")
@@ -342,51 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--start-step", type=int, default=0, help="env steps this actor already did (resume)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("dataset", help="offline datasets: info, import of the DQN Replay Dataset",
-                       description="Inspect or import offline-RL datasets (docs/dataset_format.md).")
-    dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="SUBCOMMAND")
-    d = dsub.add_parser("info", help="size, episodes, return statistics and env of a dataset",
-                        description="Print a dataset's size, episodes, return statistics and env.")
-    d.add_argument("path")
-    d.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    d.set_defaults(func=cmd_dataset_info)
-    d = dsub.add_parser("import-dqn-replay", help="convert DQN Replay Dataset logs (Agarwal et al. 2020)",
-                        description="Stream Dopamine replay logs ($store$_*_ckpt.N.gz) of one game "
-                                    "and run into an eosrl dataset, one checkpoint at a time.")
-    d.add_argument("src", help="directory with $store$_observation_ckpt.N.gz etc. (one game, one run)")
-    d.add_argument("dst", help="output dataset directory")
-    d.add_argument("--checkpoints", help="comma-separated checkpoint numbers (default: all found)")
-    d.add_argument("--game", default="Pong", help="Atari game the logs belong to (default Pong)")
-    d.set_defaults(func=cmd_dataset_import)
-
-    from launch.study import add_study_parser
-    add_study_parser(sub)
-
-    p = sub.add_parser("evaluate", help="evaluate a run's latest checkpoint or a checkpoint file",
-                       description="Evaluate a checkpoint; prints one JSON line and appends an "
-                                   "`eval` record to the run's metrics.")
-    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--episodes", type=int, help="episodes (default run.eval_episodes)")
-    p.add_argument("--epsilon", type=float, help="ε of the evaluation policy (default agent.epsilon_eval)")
-    p.add_argument("--video", metavar="PATH.gif", help="save the first episode as an animated GIF")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("plot", help="plot sharpness, eigenvalues, loss and returns of runs",
-                       description="Write PNG plots of one or more runs (several runs share each figure).")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", help="directory for the PNGs (default RUN_DIR/plots of the first run)")
-    p.set_defaults(func=cmd_plot)
-    return parser
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from launch.lifeline import watch_parent
+    from eosrl.launch.lifeline import watch_parent
     watch_parent(delay_s=4.0 if args.command == "replay-server" else 0.0)
-    from agents.config import ConfigError
-    from agents.checkpoint import CheckpointError
-    from envs.factory import EnvError
-    from agents.dataset import DatasetError
+    from eosrl.agents.config import ConfigError
+    from eosrl.agents.checkpoint import CheckpointError
+    from eosrl.envs.factory import EnvError
+    from eosrl.agents.dataset import DatasetError
     try:
         return args.func(args)
     except (UsageError, ConfigError, EnvError, CheckpointError, FileNotFoundError, ConnectionError,

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from agents.actor import Evaluator
-from agents.config import Config
-from envs.factory import make_env
-from envs.scores import human_normalized_score
-from launch.rundir import MetricsWriter, RunDir
-from launch.train import Components
+from eosrl.agents.config import Config
+from eosrl.envs.scores import human_normalized_score
+from eosrl.launch.rundir import MetricsWriter, RunDir
+from eosrl.agents.builder import EVALUATE_COMMAND_SEED_OFFSET, Builder
 
 
 def save_gif(frames, path: str | Path, fps: int = 30) -> None:
@@ -25,7 +23,7 @@ def save_gif(frames, path: str | Path, fps: int = 30) -> None:
         image = Image.fromarray(array)
         if max(image.size) < 200:  # MinAtar renders 10x10: enlarge so a person can see it
             scale = 200 // max(image.size)
-            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
         images.append(image)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
@@ -34,16 +32,14 @@ def save_gif(frames, path: str | Path, fps: int = 30) -> None:
 def evaluate_checkpoint(config: Config, ckpt: Path, run_path: Optional[Path],
                         episodes: Optional[int] = None, epsilon: Optional[float] = None,
                         video: Optional[str] = None) -> Dict[str, Any]:
-    parts = Components(config)
-    learner = parts.learner()
-    _, meta = parts.restore(learner, ckpt)
+    builder = Builder(config)
+    learner = builder.make_learner()
+    _, meta = builder.restore(learner, ckpt)
     episodes = episodes or config.run.eval_episodes
-    epsilon = config.agent.epsilon_eval if epsilon is None else epsilon
-    env = make_env(config.env, config.run.seed + 20_000, training=False,
-                   render_mode="rgb_array" if video else None)
-    frames = [] if video else None
-    result = Evaluator(env, parts.network, epsilon, seed=config.run.seed + 20_000).run(
-        *learner.acting_params(), episodes=episodes, frames=frames)
+    evaluator = builder.make_evaluator(EVALUATE_COMMAND_SEED_OFFSET, render=bool(video), epsilon=epsilon)
+    epsilon = evaluator.epsilon
+    frames: Optional[List[Any]] = [] if video else None
+    result = evaluator.run(*learner.acting_params(), episodes=episodes, frames=frames)
     record: Dict[str, Any] = {**result, "epsilon": epsilon, "checkpoint": str(ckpt),
                               "env_steps": meta.get("env_steps"), "learner_step": learner.step}
     if config.env.kind == "atari":

@@ -1,24 +1,29 @@
-"""The learner's side of a run, shared by `eosrl train` (one process) and the
-distributed learner role: updates, Hessian probes and their batch, the window
-of update metrics behind each `train` record (where a non-finite loss becomes a
-`divergence` event), and checkpoints that keep the fixed probe batch.
+"""The learner's loop, the same in `eosrl train` (one process) and in the learner
+role of `eosrl launch`: an update on the next batch, then whatever is due at
+that update (a probe, publishing the parameters, a `train` record, an
+evaluation, a checkpoint), all counted in learner updates so they fall on the
+same updates after a resume.
 
-Where batches come from and what clocks the run stay with the caller, so the
-learner cannot tell a dataset from actors.
+Where batches come from, who evaluates and what else a `train` record holds
+stay with the caller, so the learner cannot tell a dataset from actors.
 """
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents import checkpoint
-from launch import resume
-from launch.rundir import MetricsWriter
+from eosrl.agents import checkpoint
+from eosrl.agents.builder import Builder
+from eosrl.launch import resume
+from eosrl.launch.rundir import MetricsWriter, RunDir
+
+Batch = Dict[str, np.ndarray]
 
 
 def all_finite(tree) -> bool:
@@ -26,45 +31,82 @@ def all_finite(tree) -> bool:
                if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
 
 
-class LearningLoop:
-    """One learner with its prober, writing `probe` and `train` records to `metrics`.
+class LearnerLoop:
+    """One learner with its prober, writing `train` and `probe` records and checkpoints.
 
-    `sample_items(n)` draws n raw replay items (the probe batch); `env_steps()`
-    says how many env steps the run has seen, for the records.
+    `batches` yields training batches (None: no more data); `sample_items(n)` draws n raw
+    replay items (the probe batch); `env_steps()` says how many env steps the run has
+    seen. Optional hooks: `snapshot()` takes the replay snapshot paired with each
+    checkpoint; `publish(params, net_state, step, env_steps)` hands acting parameters
+    to actors; `evaluate(step)` runs an evaluation; `record_values()` adds the caller's
+    values to each `train` record.
     """
 
-    def __init__(self, parts, metrics: MetricsWriter, sample_items: Callable[[int], Dict[str, np.ndarray]],
-                 env_steps: Callable[[], int]):
-        self.config = parts.config
-        self._parts = parts
-        self.learner = parts.learner()
+    def __init__(self, builder: Builder, run_dir: RunDir, metrics: MetricsWriter,
+                 batches: Iterator[Optional[Batch]], sample_items: Callable[[int], Batch],
+                 env_steps: Callable[[], int], *,
+                 snapshot: Optional[Callable[[], Optional[str]]] = None,
+                 publish: Optional[Callable[..., None]] = None,
+                 evaluate: Optional[Callable[[int], Any]] = None,
+                 record_values: Callable[[], Dict[str, Any]] = dict):
+        self.config = builder.config
+        self._builder = builder
+        self.learner = builder.make_learner()
         self.prober = None
         if self.config.probe.enabled:
-            from agents.probes import Prober  # compiles HVPs: only load when asked for
+            from eosrl.agents.probes import Prober  # compiles HVPs: only load when asked for
             self.prober = Prober(self.config.probe, self.learner)
-        self.metrics = metrics
-        self._sample_items = sample_items
-        self._env_steps = env_steps
-        self.probe_batch: Optional[Dict[str, np.ndarray]] = None  # raw items
+        self.run_dir, self.metrics = run_dir, metrics
+        self._batches, self._sample_items, self._env_steps = batches, sample_items, env_steps
+        self._snapshot, self._publish, self._evaluate = snapshot, publish, evaluate
+        self._record_values = record_values
+        schedule, run = builder.schedule(), self.config.run
+        self._log_every = schedule.every(run.log_every)
+        self._eval_every = schedule.every(run.eval_every)
+        self._checkpoint_every = schedule.every(run.checkpoint_every)
+        self.probe_batch: Optional[Batch] = None  # raw items
         self._window: List[Dict[str, Any]] = []
         self._pending_loss: Optional[Tuple[int, Any]] = None  # (update, device loss) not yet checked
         self.diverged_at: Optional[int] = None
         self.last_env_steps = 0  # of the last record or checkpoint, should the count become unreadable
+        self._tick = (time.time(), self.learner.step)
 
     def _fixed_probe_batch(self) -> bool:
         return self.prober is not None and self.config.probe.batch == "fixed"
 
-    def restore(self, directory: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
-        """Loads the newest checkpoint in `directory` (with its probe batch);
+    def restore(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """Loads the newest intact checkpoint of the run (with its probe batch);
         (path, meta), or None when there is none."""
-        path = checkpoint.latest(directory)
+        path = checkpoint.latest(self.run_dir.checkpoints)
         if path is None:
             return None
-        self.probe_batch, meta = self._parts.restore(self.learner, path)
+        self.probe_batch, meta = self._builder.restore(self.learner, path)
         self.last_env_steps = int(meta.get("env_steps", 0))
+        self._tick = (time.time(), self.learner.step)
         return path, meta
 
-    def update(self, batch) -> bool:
+    # --- one step -------------------------------------------------------------------
+
+    def step(self) -> Optional[str]:
+        """One update and what is due after it; a status when the learner must stop
+        (`diverged`, `no_more_data`), else None."""
+        batch = next(self._batches)
+        if batch is None:
+            return "no_more_data"
+        if not self.update(batch):
+            return "diverged"
+        step = self.learner.step
+        if self._publish is not None and step % self.config.distributed.publish_every == 0:
+            self._publish(*self.learner.acting_params(), step, self._env_steps())
+        if step % self._log_every == 0:
+            self.write_train()
+        if self._evaluate is not None and self._eval_every and step % self._eval_every == 0:
+            self._evaluate(step)
+        if step % self._checkpoint_every == 0:
+            self.save()
+        return None
+
+    def update(self, batch: Batch) -> bool:
         """One update; then a probe when one is due. False once the TD loss has gone
         non-finite: a `divergence` event then names the update where it first did.
 
@@ -102,41 +144,54 @@ class LearningLoop:
                            reason="non-finite loss", loss=float(loss))
         return False
 
-    def finish(self) -> bool:
-        """Checks the last update's loss (call when the updates stop); False if it diverged."""
-        return self.diverged_at is None and self._loss_was_finite()
+    # --- records and checkpoints ----------------------------------------------------------
 
-    def write_train(self, values: Dict[str, Any]) -> None:
-        """A `train` record of `values` plus the means of the updates since the last one."""
-        values = dict(values)
+    def write_train(self, env_steps: Optional[int] = None) -> None:
+        """A `train` record: the run's counts, the caller's values, and the means of the
+        updates since the last record."""
+        now, step = time.time(), self.learner.step
+        rate = (step - self._tick[1]) / max(now - self._tick[0], 1e-9)
+        self._tick = (now, step)
+        env_steps = self._env_steps() if env_steps is None else env_steps
+        values: Dict[str, Any] = {"env_steps": env_steps, "updates_per_second": rate,
+                                  **self._record_values()}
         if self._window:
             window = jax.device_get(self._window)
             self._window = []
             for key in window[0]:
                 values[key] = float(np.mean([m[key] for m in window]))
             values["lr"] = self.learner.current_lr()
-        self.last_env_steps = values.get("env_steps", self.last_env_steps)
-        self.metrics.write("train", self.learner.step, **values)
+        self.last_env_steps = env_steps
+        self.metrics.write("train", step, **values)
 
-    def save(self, directory: Path, meta: Dict[str, Any],
-             replay_checkpoint: Optional[Callable[[], Optional[str]]] = None) -> Optional[Path]:
-        """A checkpoint (with the fixed probe batch), unless the parameters went
-        non-finite: then the last good checkpoint stays the newest.
-
-        `replay_checkpoint()` snapshots the replay table just before, and its path goes
-        into the checkpoint's meta: a resumed run continues from the pair, so its env-step
-        count, its rate limiter and its learner agree (launch/resume.py)."""
+    def save(self, env_steps: Optional[int] = None, **meta: Any) -> Optional[Path]:
+        """A checkpoint (with the fixed probe batch and the paired replay snapshot), unless
+        the parameters went non-finite: then the last good checkpoint stays the newest."""
+        env_steps = self._env_steps() if env_steps is None else env_steps
         if not all_finite(self.learner.state.params):
-            self.metrics.write("event", self.learner.step, env_steps=meta.get("env_steps"),
-                               event="checkpoint_skipped",
+            self.metrics.write("event", self.learner.step, env_steps=env_steps, event="checkpoint_skipped",
                                reason="non-finite parameters; the last good checkpoint is kept")
             return None
         keep_batch = self._fixed_probe_batch() and self.probe_batch is not None
-        meta = {**meta, "learner_step": self.learner.step, "has_probe_batch": keep_batch}
-        if replay_checkpoint is not None:
-            meta["replay_checkpoint"] = replay_checkpoint()
-        path = self.learner.save(directory, keep=self.config.run.keep_checkpoints,
+        meta = {**meta, "env_steps": env_steps, "learner_step": self.learner.step, "has_probe_batch": keep_batch}
+        if self._snapshot is not None:
+            meta["replay_checkpoint"] = self._snapshot()
+        path = self.learner.save(self.run_dir.checkpoints, keep=self.config.run.keep_checkpoints,
                                  extra={"probe_batch": self.probe_batch} if keep_batch else {}, meta=meta)
-        if replay_checkpoint is not None:
-            resume.prune_replay_checkpoints(directory.parent)
+        if self._snapshot is not None:
+            resume.prune_replay_checkpoints(self.run_dir.path)
         return path
+
+    def finish(self, status: str, env_steps: Optional[int] = None, **meta: Any) -> str:
+        """Ends the learner's part of the run: the last loss checked, the last `train`
+        record, the final checkpoint and a `learner_finished` event. Returns the status
+        (`diverged` if the last update's loss was not finite)."""
+        if status != "diverged" and not self._loss_was_finite():
+            status = "diverged"
+        env_steps = self.last_env_steps if env_steps is None else env_steps
+        if self._window:
+            self.write_train(env_steps)
+        self.save(env_steps, **meta)
+        self.metrics.write("event", self.learner.step, event="learner_finished", status=status,
+                           env_steps=env_steps, diverged_at=self.diverged_at)
+        return status

@@ -1,4 +1,5 @@
-"""Processes started by a launcher end when their launcher is gone.
+"""How eosrl processes end: on SIGTERM or Ctrl-C the clean way (`stop_on_signals`),
+and, for children of a launcher, when their launcher is gone (`watch_parent`).
 
 The local launcher and the study runner start each child in a session of its
 own (so a terminal's Ctrl-C reaches only the launcher, which then stops the
@@ -12,11 +13,12 @@ not finish within `grace_s`, exits hard.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
-from typing import Dict, Mapping
+from typing import Dict, Iterator, Mapping
 
 PARENT_PID = "EOSRL_PARENT_PID"
 EXIT_ORPHANED = 4
@@ -47,3 +49,34 @@ def watch_parent(delay_s: float = 0.0, poll_s: float = 1.0, grace_s: float = 10.
 
     threading.Thread(target=watch, name="eosrl-lifeline", daemon=True).start()
     return True
+
+
+class Stop(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGINT inside `stop_on_signals`, so a run
+    unwinds through its `finally` blocks (final checkpoint, records) whichever came.
+    A KeyboardInterrupt, so Ctrl-C and `kill` are handled by the same `except`."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler, a launcher) and SIGINT (Ctrl-C) both raise `Stop`.
+    SIGINT is set explicitly: a process started in the background by a script
+    (`eosrl launch ... &`) inherits SIGINT ignored, and Python then installs no Ctrl-C
+    handler. Outside the main thread (a Ray worker) nothing is installed: the launcher
+    ends the role instead. Only the first signal raises: one that comes while the run
+    is cleaning up (its final checkpoint) is ignored, so put the clean-up inside the block."""
+    stopping: list = []
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Stop()
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

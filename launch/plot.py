@@ -7,8 +7,11 @@ Figures (several runs share each figure; legends use the run directory names):
   loss.png         train loss vs learner updates
   returns.png      eval mean return and recent training return vs env steps
 
-A figure whose records no run has is skipped, and the reason is kept in the
-returned list's `skipped` attribute. Malformed metrics lines are skipped with
+`eosrl study`'s report figures (sharpness_by_regime.png, final_returns.png) are
+drawn by the functions of the last section, from the study's runs.
+
+A figure of `eosrl plot` whose records no run has is skipped, and the reason is
+kept in the returned list's `skipped` attribute. Malformed metrics lines are skipped with
 a warning naming the file and line.
 """
 from __future__ import annotations
@@ -16,16 +19,19 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 
-from launch import rundir  # noqa: E402
+from eosrl.launch import rundir  # noqa: E402
 
-Record = Dict[str, object]
+if TYPE_CHECKING:  # a type only: launch/study imports this module, not the other way
+    from eosrl.launch.study.spec import RunSpec
+
+Record = Dict[str, Any]  # one metrics.jsonl line
 
 
 class Plots(list):
@@ -121,9 +127,9 @@ def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
     # Runs with the same constant threshold (same optimiser and lr) share one dashed line.
     for key, owners in thresholds.items():
         name, color, tx, ty = owners[0]
-        if len(owners) > 1:
+        if len(owners) > 1:  # then the key is the one constant threshold
             tx = [min(o[2][0] for o in owners), max(o[2][-1] for o in owners)]
-            ty = [key[0], key[0]]
+            ty = [key[0], key[0]]  # type: ignore[list-item]  # a constant's key is (value,)
         label = f"{name} threshold" if len(owners) == 1 else "threshold (" + ", ".join(o[0] for o in owners) + ")"
         ax.plot(tx, ty, color=color if len(owners) == 1 else "k", ls="--", label=label)
     if not _scale_axes(fig, ax, plotted):
@@ -147,8 +153,10 @@ def plot_eigenvalues(runs: Dict[str, List[Record]], path: Path) -> Optional[Path
     for ax, (name, probes) in zip(axes[0], with_probes.items()):
         num = max(len(r["eigenvalues"]) for r in probes)
         for i in range(num):
-            x, y = series(probes, "probe", "step",
-                          lambda r, i=i: r["eigenvalues"][i] if i < len(r["eigenvalues"]) else None)
+            def eigenvalue(r: Record, i: int = i) -> Any:
+                values = r["eigenvalues"]
+                return values[i] if i < len(values) else None
+            x, y = series(probes, "probe", "step", eigenvalue)
             ax.plot(x, y, label=f"λ{i + 1}")
         preconditioned = any(r.get("preconditioned") for r in probes)
         ax.set_title(f"{name} (eigenvalues of P⁻¹H)" if preconditioned else name)
@@ -228,3 +236,113 @@ def plot_runs(run_dirs: List[Path], out_dir: Path | None = None) -> List[Path]:
         else:
             result.append(written)
     return result
+
+
+# ----------------------------------------------------------------------------
+# Study figures: the two of `eosrl study`'s report (launch/study/report.py), drawn
+# from the study's planned runs (RunSpec: stage, grid values, config, run_dir).
+
+
+def _study_records(run_dir: Path) -> List[Record]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return read_metrics(path) if path.is_file() else []
+
+
+def _is_regime_axis(axis: str) -> bool:
+    return axis == "regime" or axis.startswith("regime.")
+
+
+def _panel_of(spec: RunSpec) -> str:
+    """The regime a run belongs to in the sharpness figure: the label of its grid
+    axis `regime` (or `regime.*`), else its config's regime.mode."""
+    for axis, label in spec.values.items():
+        if _is_regime_axis(axis):
+            return label
+    if spec.config is not None:
+        return spec.config.regime.mode
+    return str(spec.overrides.get("regime.mode", "online"))
+
+
+def _kind_of(spec: RunSpec) -> str:
+    if spec.config is not None:
+        return spec.config.agent.kind
+    return str(spec.overrides.get("agent.kind", spec.values.get("agent.kind", "?")))
+
+
+def plot_sharpness_by_regime(specs: Sequence[RunSpec], path: Path) -> Optional[Path]:
+    """sharpness/threshold vs learner updates: a panel per regime, a line per agent kind
+    (plus any other grid values), an × where a run diverged."""
+    # (stage, regime) -> [(line label, steps, ratios, divergence step)]
+    lines: Dict[Tuple[str, str], List[Tuple[str, List[float], List[float], Optional[int]]]] = {}
+    stages_with_probes = set()
+    for spec in specs:
+        records = _study_records(spec.run_dir)
+        ratios = ((r["step"], rundir.number(r.get("sharpness_over_threshold"))) for r in records if r.get("kind") == "probe")
+        points: List[Tuple[float, float]] = sorted((float(x), y) for x, y in ratios
+                                                   if y is not None and math.isfinite(y))
+        if not points:
+            continue
+        stages_with_probes.add(spec.stage)
+        extra = [v for a, v in spec.values.items() if a != "agent.kind" and not _is_regime_axis(a)]
+        label = " ".join([_kind_of(spec)] + extra)
+        div: Optional[int] = next((int(r["step"]) for r in records
+                                   if r.get("kind") == "event" and r.get("event") == "divergence"), None)
+        lines.setdefault((spec.stage, _panel_of(spec)), []).append(
+            (label, [p[0] for p in points], [p[1] for p in points], div))
+    if not lines:
+        return None
+    panels = list(lines)
+    cols = min(3, len(panels))  # wrap: five regimes side by side would be too wide to read
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), sharey=True, squeeze=False)
+    every = [y for group in lines.values() for _, _, ys, _ in group for y in ys]
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    # One colour per line label in every panel, so `dqn` is the same colour throughout.
+    labels = list(dict.fromkeys(label for group in lines.values() for label, *_ in group))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+    for ax, key in zip(axes.flat, panels):
+        for label, xs, ys, div in lines[key]:
+            ax.plot(xs, ys, label=label, lw=1.2, color=color[label], marker="o" if len(xs) <= 30 else None, ms=3)
+            if div is not None:  # at the divergence step, level with the last finite probe
+                ax.plot([div], [ys[-1]], "x", color=color[label], ms=9, mew=2)
+        ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_title(key[1] if len(stages_with_probes) == 1 else f"{key[0]}: {key[1]}")
+        ax.set_xlabel("learner updates")
+        ax.legend(fontsize="small")
+    # The threshold line counts: ratios far below it (a short run) get a log axis so their trend shows.
+    if spans_decades(every + [1.0]):
+        axes[0][0].set_yscale("log")
+    for row in axes:
+        row[0].set_ylabel("sharpness / threshold")
+    fig.suptitle("λ₁ / threshold (dashed: the edge of stability; ×: diverged)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:red"}
+
+
+def plot_final_returns(rows: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
+    """A bar per run with a final evaluation return, coloured by status."""
+    from matplotlib.patches import Patch
+    rows = [r for r in rows if r["final_eval_return"] is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 2), 4.2))
+    colors = [STATUS_COLORS.get(r["status"], "tab:gray") for r in rows]
+    ax.bar(range(len(rows)), [r["final_eval_return"] for r in rows], color=colors)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['stage']}/{r['run']}" for r in rows], rotation=60, ha="right", fontsize="small")
+    ax.set_ylabel("final evaluation return")
+    ax.set_title("Final return per run")
+    statuses = sorted({r["status"] for r in rows})
+    ax.legend(handles=[Patch(color=STATUS_COLORS.get(s, "tab:gray"), label=s) for s in statuses],
+              fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

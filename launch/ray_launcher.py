@@ -11,11 +11,11 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
-from agents import checkpoint
-from agents.config import Config
-from launch.rundir import read_metrics
+from eosrl.agents.config import Config
+from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics
+from eosrl.launch.summary import finish_run
 
 
 def _role_actor(ray):
@@ -29,14 +29,16 @@ def _role_actor(ray):
         def run(self, role: str, config_dict: dict, **kwargs) -> int:
             import os
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-            from agents.config import from_dict
-            from launch import roles
+            from eosrl.agents.config import from_dict
+            from eosrl.launch import roles
             config = from_dict(config_dict)
             if role == "replay":
                 roles.run_replay_server(config, kwargs["port"], kwargs.get("run_dir"))
                 return 0
-            return {"actor": roles.run_actor, "learner": roles.run_learner,
-                    "evaluator": roles.run_evaluator}[role](config, **kwargs)
+            runs: Dict[str, Callable[..., int]] = {"actor": roles.run_actor, "learner": roles.run_learner,
+                                                   "evaluator": roles.run_evaluator}
+            run = runs[role]
+            return run(config, **kwargs)
 
     return Role
 
@@ -47,10 +49,11 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
         import ray
     except ImportError:
         raise RuntimeError("--launcher ray needs Ray: pip install -e '.[ray]'") from None
-    from agents.config import to_dict
-    from launch.resume import env_step_offset
-    from launch.roles import EXIT_DIVERGED, actor_shares, connect, inserted_steps
-    from launch.train import preloaded_transitions
+    from eosrl.agents.builder import Builder, actor_shares
+    from eosrl.agents.config import to_dict
+    from eosrl.launch.channels import connect, inserted_steps
+    from eosrl.launch.resume import env_step_offset
+    from eosrl.launch.roles import EXIT_DIVERGED
     start_time = time.time()
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
              log_to_driver=False, num_cpus=None if address else max(4, num_actors + 3))
@@ -70,7 +73,7 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
     print(f"eosrl: replay server on {replay_address}, listening on every network interface of that node "
           f"without authentication (README, Security)", file=sys.stderr)
     # The table is restored once the server answers: what it counts is where the actors continue.
-    done = inserted_steps(connect(replay_address, timeout_s=120), preloaded_transitions(config)) + offset
+    done = inserted_steps(connect(replay_address, timeout_s=120), Builder(config).preloaded_transitions()) + offset
     learner = Role.options(num_cpus=1, num_gpus=learner_gpus).remote()
     learner_ref = learner.run.remote("learner", config_dict, address=replay_address, run_dir=Path(run_dir))
     # Offline, the replay server loads the dataset and nobody acts for data.
@@ -86,7 +89,7 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
     try:
         code = ray.get(learner_ref)
         if code == EXIT_DIVERGED:
-            status, message = "diverged", "the learner diverged: the TD loss became non-finite (divergence event in metrics.jsonl)"
+            status = "diverged"  # the summary names the update from the divergence event
         elif code != 0:
             status, message = "learner_failed", f"the learner returned {code}"
     except KeyboardInterrupt:
@@ -100,18 +103,11 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
             ray.kill(handle, no_restart=True)
         ray.shutdown()
     del replay_ref
-    latest = checkpoint.latest(Path(run_dir) / "checkpoints")
-    evals = list(read_metrics(Path(run_dir) / "metrics.jsonl", "eval"))
-    meta = checkpoint.read_meta(latest) if latest else {}
-    last_eval = evals[-1]["return_mean"] if evals else None
-    return {
-        "status": status,
-        "message": message,
-        "run_dir": run_dir,
-        "env_steps": int(meta.get("env_steps", 0)),
-        "learner_updates": int(meta.get("learner_step", 0)),
-        "final_eval_return": last_eval if status == "completed" else None,
-        "last_eval_return": last_eval,
-        "checkpoint": str(latest) if latest else None,
-        "wall_seconds": round(time.time() - start_time, 1),
-    }
+    run_dir_ = RunDir(run_dir)
+    events = MetricsWriter(run_dir_, tensorboard=False)
+    # Ray's evaluator already evaluated the final parameters: its last record is the final one.
+    evals = list(read_metrics(run_dir_.metrics, "eval")) if run_dir_.metrics.exists() else []
+    summary = finish_run(run_dir_, events, status, start_time, message=message,
+                         final_eval=evals[-1]["return_mean"] if evals else None)
+    events.close()
+    return summary

@@ -2,7 +2,7 @@
 
 Whenever the learner writes a checkpoint it first asks the replay server for a
 table checkpoint and records that snapshot's path in its meta (see
-`LearningLoop.save`). On resume the replay server loads exactly that snapshot,
+`LearnerLoop.save`). On resume the replay server loads exactly that snapshot,
 so three things that must agree do: the learner's update count, the table's
 rate-limiter counts (samples drawn, items inserted), and the env-step count,
 which is the table's insert count. Snapshots that belong to no kept learner
@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from agents import checkpoint
-from launch.rundir import RunDir
+from eosrl.agents import checkpoint
+from eosrl.launch.rundir import RunDir
 
 
 def snapshots_replay(config) -> bool:

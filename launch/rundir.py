@@ -13,11 +13,9 @@ or Ctrl-C never loses the records written before it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -100,6 +98,7 @@ class MetricsWriter:
 
     def _to_tensorboard(self, kind: str, step: int, record: Dict[str, Any]) -> None:
         import tensorflow as tf
+        assert self._tb is not None
         with self._tb.as_default(step=step):
             for key, value in record.items():
                 if key in ("kind", "step", "time"):
@@ -159,19 +158,3 @@ def route_native_logs(log_path: str | Path) -> None:
     os.dup2(log_fd, 2)
     os.close(log_fd)
     sys.stderr = os.fdopen(terminal, "w", buffering=1)
-
-
-@contextlib.contextmanager
-def interrupt_on_stop_signals():
-    """Inside the block SIGTERM (`kill`, a scheduler) and SIGINT (Ctrl-C, `kill -INT`) both
-    raise KeyboardInterrupt, so either ends a run the same clean way. SIGINT is set
-    explicitly: a process started in the background by a script (`eosrl launch ... &`)
-    inherits SIGINT ignored, and Python then installs no Ctrl-C handler at all."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)

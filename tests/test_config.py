@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from agents.config import ConfigError, load_config
+from eosrl.agents.config import ConfigError, load_config
 from conftest import CONFIGS, ROOT
 
 
@@ -41,7 +41,7 @@ BAD = [
 @pytest.mark.parametrize("overrides,key", BAD, ids=[k for _, k in BAD])
 def test_bad_config_fails_cleanly_before_anything_starts(tmp_path, overrides, key):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "launch.cli", "train", str(CONFIGS / "dqn_cartpole.yaml"),
+    args = [sys.executable, "-m", "eosrl.launch.cli", "train", str(CONFIGS / "dqn_cartpole.yaml"),
             "--run-dir", str(run_dir), "--no-progress"]
     for item in overrides:
         args += ["--set", item]

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from agents.config import EnvConfig
-from agents.dataset import (DatasetError, DatasetReader, DatasetWriter, import_dqn_replay,
+from eosrl.agents.config import EnvConfig
+from eosrl.agents.dataset import (DatasetError, DatasetReader, DatasetWriter, import_dqn_replay,
                             replay_into, shard_name)
 
 FRAME = (3, 3)
@@ -118,7 +118,7 @@ def test_shards_are_written_as_the_run_goes_and_survive_a_crash(tmp_path):
 
 
 def test_writer_for_env_records_a_real_env(tmp_path):
-    from envs.factory import make_env
+    from eosrl.envs.factory import make_env
     config = EnvConfig(kind="gym", id="CartPole-v1")
     env, rng = make_env(config, seed=0), np.random.default_rng(0)
     observations, steps = [], 0
@@ -184,11 +184,11 @@ class _FakeAdder:
     def __init__(self):
         self.firsts, self.steps = [], []
 
-    def observe_first(self, obs):
+    def add_first(self, obs):
         self.firsts.append(obs)
 
-    def observe(self, action, reward, terminal, next_obs, episode_over):
-        self.steps.append((action, reward, terminal, next_obs, episode_over))
+    def add(self, action, reward, terminated, truncated, next_obs, life_loss=False):
+        self.steps.append((action, reward, terminated, next_obs, terminated or truncated))
 
 
 def test_replay_into_pushes_selected_runs(dataset):

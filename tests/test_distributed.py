@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from agents import checkpoint
+from eosrl.agents import checkpoint
 from conftest import CONFIGS, ROOT
-from launch.rundir import read_metrics
+from eosrl.launch.rundir import read_metrics
+
+# Learning, launches and studies take seconds to minutes each: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
 
 QUICK = ["--set", "run.eval_every=0", "--set", "run.eval_episodes=2", "--set", "replay.min_size=500",
          "--set", "run.log_every=200", "--set", "run.checkpoint_every=1000"]
 
 
 def _eosrl(*args):
-    return [sys.executable, "-m", "launch.cli", *args]
+    return [sys.executable, "-m", "eosrl.launch.cli", *args]
 
 
 def _start_launch(run_dir, *extra, sigint_ignored=False):
@@ -187,9 +190,9 @@ def test_learner_death_stops_run_with_message(tmp_path):
 
 
 def _template():
-    from agents.config import load_config
-    from launch.train import Components
-    learner = Components(load_config(CONFIGS / "dqn_cartpole.yaml")).learner()
+    from eosrl.agents.config import load_config
+    from eosrl.agents.builder import Builder
+    learner = Builder(load_config(CONFIGS / "dqn_cartpole.yaml")).make_learner()
     return {"learner": learner.state, "extra": {}}
 
 
@@ -214,8 +217,8 @@ def test_launch_offline_and_offline_to_online(tmp_path):
     """The replay server loads the dataset; offline, nobody acts and the learner runs
     `total_updates`; offline-to-online, actors add their steps and the learner
     starts at once, as `eosrl train` does in these regimes."""
-    from agents.config import load_config
-    from launch.train import train
+    from eosrl.agents.config import load_config
+    from eosrl.launch.train import train
     data = tmp_path / "collect" / "dataset"
     train(load_config(CONFIGS / "dqn_cartpole.yaml", [
         "run.total_env_steps=1000", "replay.min_size=500", "run.eval_every=0", "run.eval_episodes=1",

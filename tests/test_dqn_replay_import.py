@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from agents.dataset import DatasetError, DatasetReader, import_dqn_replay
+from eosrl.agents.dataset import DatasetError, DatasetReader, import_dqn_replay
 
 STACK = 4          # Dopamine's Atari stack
 FRAME = (84, 84)

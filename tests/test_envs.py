@@ -3,9 +3,9 @@ seeding, config errors, and human-normalised scores."""
 import numpy as np
 import pytest
 
-from agents.config import EnvConfig
-from envs.factory import EnvError, env_spec, frame_shape, frame_stack, make_env, validate_env_config
-from envs.scores import human_normalized_score
+from eosrl.agents.config import EnvConfig
+from eosrl.envs.factory import EnvError, env_spec, frame_shape, frame_stack, make_env, validate_env_config
+from eosrl.envs.scores import human_normalized_score
 
 
 def _atari(game="Pong", preset="dopamine"):

@@ -43,11 +43,11 @@ def _digest(tree):
 
 def pins(name):
     """Digests of the learner state after UPDATES updates on fixed batches."""
-    from agents.config import load_config
-    from launch.train import Components
+    from eosrl.agents.config import load_config
+    from eosrl.agents.builder import Builder
     config_file, overrides = CASES[name]
-    parts = Components(load_config(CONFIGS / config_file, overrides))
-    learner = parts.learner()
+    parts = Builder(load_config(CONFIGS / config_file, overrides))
+    learner = parts.make_learner()
     for batch in _batches(parts.spec, 16, np.random.default_rng(7)):
         learner.update(batch)
     state = learner.state

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents.losses import c51_loss, dqn_loss
+from eosrl.agents.losses import c51_loss, dqn_loss
 
 
 def test_dqn_huber_loss_by_hand():

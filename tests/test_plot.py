@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.plot import plot_runs, read_metrics
+from eosrl.launch.plot import plot_runs, read_metrics
 
 FIGURES = {"sharpness.png", "eigenvalues.png", "loss.png", "returns.png"}
 
@@ -79,7 +79,7 @@ def test_malformed_lines_are_skipped_with_file_and_line(tmp_path):
 
 def test_a_shared_threshold_is_drawn_once(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
-    from launch import plot
+    from eosrl.launch import plot
     axes = []
     real_subplots = plt.subplots
 

@@ -2,12 +2,17 @@
 batch kept in checkpoints across a resume, and plots of the run."""
 import numpy as np
 
-from agents import checkpoint
-from agents.config import load_config
+import pytest
+from eosrl.agents import checkpoint
+from eosrl.agents.config import load_config
 from conftest import CONFIGS
-from launch.plot import plot_runs
-from launch.rundir import read_metrics
-from launch.train import Components, train
+from eosrl.launch.plot import plot_runs
+from eosrl.launch.rundir import read_metrics
+from eosrl.agents.builder import Builder
+from eosrl.launch.train import train
+
+# Learning, launches and studies take seconds to minutes each: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
 
 PROBE_KEYS = {"eigenvalues", "residuals", "sharpness", "threshold", "sharpness_over_threshold",
               "grad_norm", "trace", "geometric_complexity", "seconds", "env_steps"}
@@ -30,9 +35,9 @@ def test_probes_during_training_and_fixed_batch_survives_resume(tmp_path):
         assert abs(p["threshold"] - (2 + 2 * 0.9) / 0.01) < 1e-6   # heavy ball (2+2β)/η
         assert p["sharpness"] == p["eigenvalues"][0]
 
-    parts = Components(config)
+    parts = Builder(config)
     path = checkpoint.latest(run_dir / "checkpoints")
-    template = {"learner": parts.learner().state, "extra": {"probe_batch": parts.batch_template(128)}}
+    template = {"learner": parts.make_learner().state, "extra": {"probe_batch": parts.batch_template(128)}}
     saved, meta = checkpoint.load(path, template)
     assert meta["has_probe_batch"]
     batch_before = saved["extra"]["probe_batch"]

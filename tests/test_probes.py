@@ -18,10 +18,10 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from agents import networks, probes
-from agents.config import AgentConfig, OptimizerConfig, ProbeConfig
-from agents.learner import Learner, Transition
-from agents.thresholds import is_adaptive, stability_threshold
+from eosrl.agents import networks, probes
+from eosrl.agents.config import AgentConfig, OptimizerConfig, ProbeConfig
+from eosrl.agents.learner import Learner, Transition
+from eosrl.agents.thresholds import is_adaptive, stability_threshold
 from benchmarks import eos_supervised
 
 OBS_SHAPE = (4,)

@@ -4,10 +4,14 @@ import json
 import subprocess
 import sys
 
-from agents.config import load_config
+import pytest
+from eosrl.agents.config import load_config
 from conftest import CONFIGS, ROOT
-from launch.rundir import read_metrics
-from launch.train import train
+from eosrl.launch.rundir import read_metrics
+from eosrl.launch.train import train
+
+# Learning, launches and studies take seconds to minutes each: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
 
 QUICK = ["run.eval_every=0", "run.eval_episodes=2", "run.log_every=250", "replay.min_size=500"]
 
@@ -23,7 +27,7 @@ def test_record_info_offline_round_trip(tmp_path):
     online = train(config, tmp_path / "collect", progress=False)
     assert online["dataset"] == str(data)
 
-    info = subprocess.run([sys.executable, "-m", "launch.cli", "dataset", "info", str(data), "--json"],
+    info = subprocess.run([sys.executable, "-m", "eosrl.launch.cli", "dataset", "info", str(data), "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert info.returncode == 0, info.stderr
     info = json.loads(info.stdout)
@@ -63,7 +67,7 @@ def test_dataset_of_another_env_is_refused(tmp_path):
                                                                f"replay.record_to={data}"]),
           tmp_path / "collect", progress=False)
     result = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(CONFIGS / "dqn_minatar_breakout.yaml"),
+        [sys.executable, "-m", "eosrl.launch.cli", "train", str(CONFIGS / "dqn_minatar_breakout.yaml"),
          "--run-dir", str(tmp_path / "wrong"), "--no-progress", "--set", "regime.mode=offline",
          "--set", f"regime.dataset={data}", "--set", "run.total_updates=10"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)

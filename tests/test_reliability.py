@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from agents import checkpoint
-from agents.config import ConfigError, load_config
+from eosrl.agents import checkpoint
+from eosrl.agents.config import ConfigError, load_config
 from conftest import CONFIGS, ROOT
-from launch import cli
-from launch.rundir import read_metrics
+from eosrl.launch import cli
+from eosrl.launch.rundir import read_metrics
 
 CARTPOLE = str(CONFIGS / "dqn_cartpole.yaml")
 QUICK = ["--no-progress", "--set", "run.eval_every=0", "--set", "run.eval_episodes=2",
@@ -29,7 +29,7 @@ QUICK = ["--no-progress", "--set", "run.eval_every=0", "--set", "run.eval_episod
 
 
 def _eosrl(*args):
-    return [sys.executable, "-m", "launch.cli", *args]
+    return [sys.executable, "-m", "eosrl.launch.cli", *args]
 
 
 def _wait_for(predicate, timeout, what):
@@ -137,8 +137,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, capsys)
 
 
 def test_corrupt_dataset_is_refused_before_the_run_dir_exists(tmp_path, monkeypatch, capsys):
-    from agents.dataset import DatasetWriter
-    from agents.config import EnvConfig
+    from eosrl.agents.dataset import DatasetWriter
+    from eosrl.agents.config import EnvConfig
     data = tmp_path / "data"
     env = EnvConfig(kind="gym", id="CartPole-v1")
     rng = np.random.default_rng(0)
@@ -163,6 +163,7 @@ def test_corrupt_dataset_is_refused_before_the_run_dir_exists(tmp_path, monkeypa
 # 3 and 2. A launcher killed with SIGKILL leaves no process; it says where replay listens.
 
 
+@pytest.mark.slow
 def test_sigkilled_launcher_leaves_no_process_and_said_where_replay_listens(tmp_path):
     import portpicker
     port = portpicker.pick_unused_port()
@@ -191,6 +192,7 @@ def test_sigkilled_launcher_leaves_no_process_and_said_where_replay_listens(tmp_
 # 4. Divergence is reported as divergence, at its update, and stops the learner at once.
 
 
+@pytest.mark.slow
 def test_launch_reports_divergence_at_its_update_and_never_evaluates_nan(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
@@ -218,8 +220,9 @@ def test_launch_reports_divergence_at_its_update_and_never_evaluates_nan(tmp_pat
         assert checkpoint.read_meta(path)["learner_step"] < update
 
 
+@pytest.mark.slow
 def test_train_reports_divergence_at_its_update(tmp_path):
-    from launch.train import train
+    from eosrl.launch.train import train
     config = load_config(CARTPOLE, ["agent.optimizer.name=sgd", "agent.optimizer.lr=1e6",
                                     "agent.optimizer.momentum=0.0", "run.total_env_steps=5000",
                                     "replay.min_size=500", "run.log_every=4000", "run.eval_every=1000",
@@ -239,6 +242,7 @@ def test_train_reports_divergence_at_its_update(tmp_path):
 # 6. Env steps survive a replay-server kill: the resumed run ends exactly at its budget.
 
 
+@pytest.mark.slow
 def test_replay_server_kill_then_resume_ends_at_the_budget(tmp_path):
     run_dir = tmp_path / "run"
     # n_step 1: every env step is one replay insert, so the count can be checked exactly.
@@ -273,17 +277,21 @@ def test_replay_server_kill_then_resume_ends_at_the_budget(tmp_path):
 # 7. The evaluation schedule keeps its multiples across a resume.
 
 
+@pytest.mark.slow
 def test_evaluation_schedule_survives_resume(tmp_path):
-    from launch.train import train
+    from eosrl.launch.train import train
     sets = ["run.total_env_steps=1500", "replay.min_size=500", "run.eval_every=400", "run.eval_episodes=1",
             "run.checkpoint_every=1000", "run.log_every=500", "replay.checkpoint=false"]
     train(load_config(CARTPOLE, sets), tmp_path / "run", progress=False)
     config = load_config(CARTPOLE, [*sets, "run.total_env_steps=2500"])
     train(config, tmp_path / "run", resume=True, progress=False)
-    steps = [r["env_steps"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "eval")]
-    # Every 400 env steps, then the final evaluation of each run; the resumed run (from the
-    # checkpoint at 1500) evaluates at 1600, not 400 steps after the resume point.
-    assert steps == [400, 800, 1200, 1500, 1600, 2000, 2400, 2500]
+    evals = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "eval"))
+    # Every 400 updates (eval_every counts env steps, one update each after the 500 of warm-up),
+    # then the final evaluation of each run. The resumed run starts at update 1000 with an
+    # empty table (no replay snapshots), warms up again, and evaluates at update 1200, the
+    # next multiple of 400, not at 1400, 400 after the resume point.
+    assert [r["step"] for r in evals] == [400, 800, 1000, 1200, 1500]
+    assert [r["env_steps"] for r in evals] == [900, 1300, 1500, 2200, 2500]
 
 
 # ----------------------------------------------------------------------------
@@ -291,8 +299,8 @@ def test_evaluation_schedule_survives_resume(tmp_path):
 
 
 def _warmup_dataset(tmp_path, name, seed):
-    from agents.dataset import DatasetReader
-    from launch.train import train
+    from eosrl.agents.dataset import DatasetReader
+    from eosrl.launch.train import train
     data = tmp_path / name / "dataset"
     train(load_config(CARTPOLE, [f"run.seed={seed}", "run.total_env_steps=600", "replay.min_size=600",
                                  "run.eval_every=0", "run.eval_episodes=1", "replay.checkpoint=false",
@@ -300,8 +308,9 @@ def _warmup_dataset(tmp_path, name, seed):
     return [e.frames for e in DatasetReader(data).iter_episodes()], DatasetReader(data).load_shard(0)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_run_up_to_the_first_sampled_batch(tmp_path):
-    from launch.train import Components
+    from eosrl.agents.builder import Builder
     frames_a, rows_a = _warmup_dataset(tmp_path, "a", seed=3)
     frames_b, rows_b = _warmup_dataset(tmp_path, "b", seed=3)
     frames_c, _ = _warmup_dataset(tmp_path, "c", seed=4)
@@ -311,7 +320,7 @@ def test_same_seed_gives_the_same_run_up_to_the_first_sampled_batch(tmp_path):
     for key in rows_a:
         np.testing.assert_array_equal(rows_a[key], rows_b[key])
     assert len(frames_a) != len(frames_c) or any(not np.array_equal(a, c) for a, c in zip(frames_a, frames_c))
-    init = [Components(load_config(CARTPOLE, [f"run.seed={s}"])).learner().state.params for s in (3, 3, 4)]
+    init = [Builder(load_config(CARTPOLE, [f"run.seed={s}"])).make_learner().state.params for s in (3, 3, 4)]
     leaves = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(p)]) for p in init]
     np.testing.assert_array_equal(leaves[0], leaves[1])
     assert not np.array_equal(leaves[0], leaves[2])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import reverb
 
-from agents import replay
+from eosrl.agents import replay
 
 
 def _server(frame_shape, dtype, stack, capacity=1000):
@@ -32,11 +32,11 @@ def test_n_step_returns_and_frame_stacks(terminal):
     adder = replay.TransitionAdder(client, n_step=n, discount=gamma, frame_stack=stack)
     frames = [np.full((2, 2), 10 * t + 1, np.uint8) for t in range(length + 1)]
     rewards = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-    adder.observe_first(_stacked_obs(frames, 0, stack))
+    adder.add_first(_stacked_obs(frames, 0, stack))
     for t in range(length):
         last = t == length - 1
-        adder.observe(action=t, reward=rewards[t], terminal=terminal and last,
-                      next_obs=_stacked_obs(frames, t + 1, stack), episode_over=last)
+        adder.add(action=t, reward=rewards[t], terminated=terminal and last, truncated=last and not terminal,
+                  next_obs=_stacked_obs(frames, t + 1, stack))
     adder.flush()
     assert adder.items_written == length
     items = _all_items(client, sig, length)
@@ -60,14 +60,14 @@ def test_episode_boundary_does_not_leak_frames_and_life_loss_stops_bootstrap():
     adder = replay.TransitionAdder(client, n_step=2, discount=0.5, frame_stack=1)
     obs = lambda v: np.full((3,), v, np.float32)  # noqa: E731
     # Episode 1: two steps, terminal.
-    adder.observe_first(obs(0))
-    adder.observe(0, 1.0, False, obs(1), False)
-    adder.observe(1, 1.0, True, obs(2), True)
+    adder.add_first(obs(0))
+    adder.add(0, 1.0, False, False, obs(1))
+    adder.add(1, 1.0, True, False, obs(2))
     # Episode 2: a life loss (terminal for bootstrapping) in the middle of the episode.
-    adder.observe_first(obs(100))
-    adder.observe(2, 1.0, True, obs(101), False)   # life lost here
-    adder.observe(3, 7.0, False, obs(102), False)
-    adder.observe(4, 0.0, False, obs(103), True)   # time limit: bootstrap from obs 103
+    adder.add_first(obs(100))
+    adder.add(2, 1.0, False, False, obs(101), life_loss=True)
+    adder.add(3, 7.0, False, False, obs(102))
+    adder.add(4, 0.0, False, True, obs(103))   # time limit: bootstrap from obs 103
     adder.flush()
     items = _all_items(client, sig, 5)
     assert float(items[0]["reward"]) == pytest.approx(1.5) and float(items[0]["discount"]) == 0.0

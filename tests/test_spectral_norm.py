@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agents import spectral_norm
-from agents.config import AgentConfig, ConfigError, OptimizerConfig, SpectralNormConfig
-from agents.learner import Learner, Transition
-from agents.networks import make_network
+from eosrl.agents import spectral_norm
+from eosrl.agents.config import AgentConfig, ConfigError, OptimizerConfig, SpectralNormConfig
+from eosrl.agents.learner import Learner, Transition
+from eosrl.agents.networks import make_network
 
 REL = 1e-3
 W_INIT = hk.initializers.VarianceScaling(1.0, "fan_avg", "uniform")

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.config import parse_overrides
+from eosrl.agents.config import parse_overrides
 from conftest import CONFIGS
-from launch import study as st
+from eosrl.launch import study as st
+from eosrl.launch import supervisor
 
 CARTPOLE = str(CONFIGS / "dqn_cartpole.yaml")
 
@@ -149,9 +150,9 @@ def test_plan_resolves_dirs_overrides_and_dependencies(tmp_path):
     assert offline.config.replay.min_size == 500 and offline.config.probe.enabled
     assert offline.config.regime.subset == "first 500" and offline.config.run.total_updates == 300
     assert specs[3].config.agent.kind == "c51" and collect.config.probe.enabled is False
-    cmd = offline.command()
-    assert cmd[1:5] == ["-m", "launch.cli", "train", CARTPOLE] and "--no-progress" in cmd
-    assert "regime.subset=first 500" in cmd
+    args = offline.train_args()
+    assert args[:2] == ["train", CARTPOLE] and "--no-progress" in args
+    assert "regime.subset=first 500" in args
 
 
 def test_plan_refuses_bad_keys_and_references(tmp_path):
@@ -173,6 +174,7 @@ def test_plan_refuses_bad_keys_and_references(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "studies").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.slow
 def test_shipped_studies_plan(path, tmp_path):
     specs = st.plan_study(st.load_study(path), path, tmp_path)
     kinds = {(s.config.agent.kind, s.values.get("regime")) for s in specs if s.stage == "regimes"}
@@ -217,10 +219,11 @@ write({"kind": "event", "step": 200, "event": "finished", "status": "completed",
 @pytest.fixture
 def fake_train(monkeypatch):
     """Runs stand in for `eosrl train`: the run named `crash` fails, `nan*` diverges."""
-    def command(spec, resume=False):
-        behaviour = "crash" if spec.name == "crash" else "diverge" if spec.name.startswith("nan") else "ok"
-        return [sys.executable, "-c", FAKE_TRAIN, str(spec.run_dir), behaviour]
-    monkeypatch.setattr(st.RunSpec, "command", command)
+    def command(child):  # a run's Child is named by its key and logs to RUN_DIR/train.log
+        name = child.name.split("/")[-1]
+        behaviour = "crash" if name == "crash" else "diverge" if name.startswith("nan") else "ok"
+        return [sys.executable, "-c", FAKE_TRAIN, str(child.log.parent), behaviour]
+    monkeypatch.setattr(supervisor.Child, "command", property(command))
 
 
 FAKE_STUDY = {"name": "fake", "base": CARTPOLE, "stages": [
@@ -231,6 +234,7 @@ FAKE_STUDY = {"name": "fake", "base": CARTPOLE, "stages": [
 ]}
 
 
+@pytest.mark.slow
 def test_runner_skips_finished_reports_failures_and_carries_on(tmp_path, fake_train):
     path = write_study(tmp_path, FAKE_STUDY)
     out = tmp_path / "out"
@@ -258,10 +262,11 @@ def test_runner_skips_finished_reports_failures_and_carries_on(tmp_path, fake_tr
     assert not (out / "a" / "crash" / "stale").exists()
 
 
+@pytest.mark.slow
 def test_unfinished_run_resumes_from_its_checkpoint(tmp_path):
-    from agents.config import save_config
-    from launch.rundir import read_metrics
-    from launch.train import train
+    from eosrl.agents.config import save_config
+    from eosrl.launch.rundir import read_metrics
+    from eosrl.launch.train import train
     path = write_study(tmp_path, {"name": "resume", "base": CARTPOLE, "stages": [{"name": "s", "runs": [
         {"name": "r", "set": {"run": {"total_env_steps": 800, "eval_every": 0, "eval_episodes": 1},
                               "replay": {"min_size": 200, "checkpoint": False}}}]}]})
@@ -364,6 +369,7 @@ def test_report_without_probes_or_returns_says_so(tmp_path):
 # End to end (about 3 minutes on 2 cores with --parallel 2).
 
 
+@pytest.mark.slow
 def test_small_regimes_study_end_to_end(tmp_path):
     path = CONFIGS / "studies" / "eos_regimes_minatar_small.yaml"
     out = tmp_path / "study"

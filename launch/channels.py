@@ -1,0 +1,99 @@
+"""What the processes of a distributed run read from the Reverb server besides
+training batches: a connection once the server answers, the env-step count
+(the table's insert count), and the learner's parameters (the `params` table).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Generator, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import reverb  # noqa: E402
+
+from eosrl.agents import replay  # noqa: E402
+
+
+def connect(address: str, timeout_s: float = 60.0) -> reverb.Client:
+    """A client once the server answers (roles may start before the server is up)."""
+    client = reverb.Client(address)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            client.server_info(timeout=5)
+            return client
+        except Exception:
+            if time.time() > deadline:
+                raise ConnectionError(f"--replay {address}: no Reverb server answered within {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+
+def inserted_steps(client: reverb.Client, preloaded: int = 0) -> int:
+    """Actor env steps so far: transitions inserted into `replay` (one per actor env
+    step) less the `preloaded` ones a dataset put there. A dead server raises within
+    seconds: without a deadline Reverb would wait for it for ever."""
+    info = client.server_info(timeout=3)[replay.REPLAY_TABLE]
+    return max(0, int(info.rate_limiter_info.insert_stats.completed) - preloaded)
+
+
+def while_server_answers(call: Callable[[], Any]) -> Optional[Any]:
+    """`call()`, or None when the replay server cannot be reached (it may be gone at shutdown)."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - gRPC errors of a dead server come in several types
+        print(f"replay server unreachable ({type(e).__name__}: {e})", flush=True)
+        return None
+
+
+class ParamsChannel:
+    """The learner's latest acting parameters with its update and env-step counts, as
+    the one item of the `params` table."""
+
+    def __init__(self, client: reverb.Client, template: Any):
+        self._client = client
+        self._treedef = jax.tree_util.tree_structure(template)
+
+    def publish(self, params, net_state, step: int, env_steps: int) -> None:
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, net_state))]
+        self._client.insert(leaves + [np.asarray(step, np.int64), np.asarray(env_steps, np.int64)],
+                            priorities={replay.PARAMS_TABLE: 1.0})
+
+    def fetch(self):
+        """(params, net_state, learner step, env steps); waits until the learner has published once."""
+        while self._client.server_info()[replay.PARAMS_TABLE].current_size == 0:
+            time.sleep(0.2)  # polling keeps SIGTERM deliverable, unlike a blocking sample
+        sample = next(self._client.sample(replay.PARAMS_TABLE, num_samples=1, emit_timesteps=False))
+        flat = [x[0] for x in sample.data]  # an inserted item is one step: drop that axis
+        params, net_state = jax.tree_util.tree_unflatten(self._treedef, flat[:-2])
+        return params, net_state, int(flat[-2]), int(flat[-1])
+
+
+def rate_limited_batches(address: str, batch_size: int, inserts: Callable[[], int], max_idle_s: float,
+                         timeout_ms: int = 5000) -> Generator[Optional[Any], None, None]:
+    """Training batches from the rate-limited table; None once no new data has arrived
+    for `max_idle_s` (every actor has finished).
+
+    The rate limiter holds sampling back for the stream's short timeout, which keeps
+    SIGTERM deliverable; the stream is then reopened."""
+    stream = replay.batch_stream(address, batch_size, rate_limiter_timeout_ms=timeout_ms)
+    last_inserts, last_change = inserts(), time.time()
+    try:
+        while True:
+            try:
+                yield next(stream)
+                continue
+            except StopIteration:
+                pass
+            now_inserts = inserts()
+            if now_inserts != last_inserts:
+                last_inserts, last_change = now_inserts, time.time()
+            elif time.time() - last_change > max_idle_s:
+                yield None
+                return
+            stream.close()
+            stream = replay.batch_stream(address, batch_size, rate_limiter_timeout_ms=timeout_ms)
+    finally:
+        stream.close()
