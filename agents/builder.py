@@ -8,21 +8,18 @@ distributed learner count updates the same way.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+import reverb
 
-import numpy as np  # noqa: E402
-import reverb  # noqa: E402
-
-from eosrl.agents import checkpoint, networks, replay  # noqa: E402
-from eosrl.agents.actor import Actor, Evaluator, linear_epsilon  # noqa: E402
-from eosrl.agents.config import Config, parse_subset  # noqa: E402
-from eosrl.agents.learner import Learner  # noqa: E402
-from eosrl.agents.types import Adder  # noqa: E402
-from eosrl.envs.factory import env_spec, make_env  # noqa: E402
+from eosrl.agents import checkpoint, networks, replay
+from eosrl.agents.actor import Actor, Evaluator, linear_epsilon
+from eosrl.agents.config import Config, parse_subset
+from eosrl.agents.learner import Learner
+from eosrl.agents.types import Adder
+from eosrl.envs.factory import env_spec, make_env
 
 # Seed offsets: every env of a run has its own stream, all derived from run.seed.
 EVALUATOR_SEED_OFFSET = 10_000

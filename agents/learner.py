@@ -46,8 +46,43 @@ def make_loss_fn(network: networks.Network, agent: AgentConfig) -> Callable:
     return loss_fn
 
 
+def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, agent: AgentConfig,
+                   preprocess: Callable[[Any], Transition]) -> Callable:
+    """update(state, raw_batch) -> (new state, device metrics): a pure function of its
+    arguments and of what it closes over here, never of a learner object's attributes,
+    so jitting it cannot bake in state that later changes (as in DQN Zoo's agents)."""
+    scale_lr, period = agent.spectral_norm.scale_lr, agent.target_update_period
+
+    def update(state: LearnerState, raw_batch) -> Tuple[LearnerState, Dict[str, jax.Array]]:
+        batch = preprocess(raw_batch)
+        rng, _ = jax.random.split(state.rng)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (net_state, mean_q)), grads = grad_fn(
+            state.params, state.target_params, state.net_state, state.target_net_state,
+            batch, True)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if scale_lr:
+            updates = spectral_norm.scale_updates(updates, net_state)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        target_params = optax.periodic_update(params, state.target_params, step, period)
+        target_net_state = optax.periodic_update(net_state, state.target_net_state, step, period)
+        new_state = LearnerState(params, target_params, net_state, target_net_state,
+                                 opt_state, step, rng)
+        metrics = {
+            "loss": loss,
+            "mean_q": mean_q,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            **spectral_norm.sigmas(net_state),
+        }
+        return new_state, metrics
+
+    return update
+
+
 class Learner:
-    """Holds the learner state and applies jitted updates to it."""
+    """Holds the learner state and applies the jitted update to it."""
 
     def __init__(self, network: networks.Network, agent: AgentConfig, seed: int,
                  preprocess: Callable[[Any], Transition] = lambda batch: batch):
@@ -64,33 +99,7 @@ class Learner:
             params=params, target_params=params, net_state=net_state,
             target_net_state=net_state, opt_state=self.optimizer.init(params),
             step=jnp.zeros((), jnp.int32), rng=rng)
-        self._update = jax.jit(self._update_fn)
-
-    def _update_fn(self, state: LearnerState, raw_batch) -> tuple:
-        batch = self.preprocess(raw_batch)
-        rng, _ = jax.random.split(state.rng)
-        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
-        (loss, (net_state, mean_q)), grads = grad_fn(
-            state.params, state.target_params, state.net_state, state.target_net_state,
-            batch, True)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        if self.agent.spectral_norm.scale_lr:
-            updates = spectral_norm.scale_updates(updates, net_state)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        period = self.agent.target_update_period
-        target_params = optax.periodic_update(params, state.target_params, step, period)
-        target_net_state = optax.periodic_update(net_state, state.target_net_state, step, period)
-        new_state = LearnerState(params, target_params, net_state, target_net_state,
-                                 opt_state, step, rng)
-        metrics = {
-            "loss": loss,
-            "mean_q": mean_q,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            **spectral_norm.sigmas(net_state),
-        }
-        return new_state, metrics
+        self._update = jax.jit(make_update_fn(self.loss_fn, self.optimizer, agent, preprocess))
 
     def update(self, raw_batch) -> Dict[str, jnp.ndarray]:
         """One update; returns device metrics (convert with `float` only when logging)."""

@@ -24,14 +24,12 @@ import collections
 import os
 from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import jax.numpy as jnp
+import numpy as np
+import reverb
+import tensorflow as tf
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import reverb  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from eosrl.agents.types import Transition  # noqa: E402
+from eosrl.agents.types import Transition
 
 REPLAY_TABLE = "replay"
 # The signature's fields in its flat order (sorted keys, as tree.flatten orders a dict),

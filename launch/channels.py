@@ -4,17 +4,14 @@ training batches: a connection once the server answers, the env-step count
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Generator, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import jax
+import numpy as np
+import reverb
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import reverb  # noqa: E402
-
-from eosrl.agents import replay  # noqa: E402
+from eosrl.agents import replay
 
 
 def connect(address: str, timeout_s: float = 60.0) -> reverb.Client:

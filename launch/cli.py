@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
-# Keep TensorFlow's and absl's start-up noise away from users.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
@@ -69,7 +66,7 @@ def _run_config(args, command: str):
         raise UsageError(f"{command}: give a CONFIG file or --resume RUN_DIR")
     config = _load(args.config, args.set, verify_dataset="open")
     path = Path(args.run_dir or Path("runs") / config.name)
-    if (path / "metrics.jsonl").exists() and not args.overwrite:
+    if RunDir(path).metrics.exists() and not args.overwrite:
         raise UsageError(f"run directory {path} already holds a run "
                          f"(use --resume {path}, --run-dir DIR or --overwrite)")
     if args.overwrite and path.exists():
@@ -139,8 +136,8 @@ def _role_setup(args):
     config = _load(args.config, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is not None:
-        from eosrl.launch.rundir import route_native_logs
-        route_native_logs(run_dir / "logs" / "native.log")
+        from eosrl.launch.rundir import RunDir, route_native_logs
+        route_native_logs(RunDir(run_dir).logs / "native.log")
     return config, run_dir
 
 
@@ -187,19 +184,21 @@ def cmd_evaluator(args) -> int:
 def _resolve_checkpoint(target: str):
     """(config path, checkpoint path, run dir or None) from a run dir or a checkpoint file."""
     from eosrl.agents import checkpoint
+    from eosrl.launch.rundir import RunDir
     path = Path(target)
     if path.is_dir():
-        ckpt = checkpoint.latest(path / "checkpoints")
-        if not (path / "config.yaml").is_file():
+        run = RunDir(path)
+        ckpt = checkpoint.latest(run.checkpoints)
+        if not run.config.is_file():
             raise UsageError(f"{path}: no config.yaml (expected a run directory or a ckpt_*.npz file)")
         if ckpt is None:
-            raise UsageError(f"{path}: no checkpoint in {path / 'checkpoints'}")
-        return path / "config.yaml", ckpt, path
+            raise UsageError(f"{path}: no checkpoint in {run.checkpoints}")
+        return run.config, ckpt, path
     if path.is_file() and path.suffix == ".npz":
-        run_dir = path.parent.parent
-        if not (run_dir / "config.yaml").is_file():
-            raise UsageError(f"{path}: no config.yaml in {run_dir} (checkpoints live in RUN_DIR/checkpoints/)")
-        return run_dir / "config.yaml", path, run_dir
+        run = RunDir(path.parent.parent)  # checkpoints live in RUN_DIR/checkpoints/
+        if not run.config.is_file():
+            raise UsageError(f"{path}: no config.yaml in {run.path} (checkpoints live in RUN_DIR/checkpoints/)")
+        return run.config, path, run.path
     raise UsageError(f"{target}: not a run directory or a checkpoint file (ckpt_*.npz)")
 
 
@@ -222,8 +221,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from eosrl.launch.rundir import RunDir
     for run in args.run_dirs:
-        if not (Path(run) / "metrics.jsonl").is_file():
+        if not RunDir(run).metrics.is_file():
             raise UsageError(f"{run}: no metrics.jsonl (expected a run directory)")
     from eosrl.launch.plot import plot_runs
     written = plot_runs([Path(r) for r in args.run_dirs], Path(args.out) if args.out else None)

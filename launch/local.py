@@ -54,7 +54,7 @@ class _LocalRun:
 
     def __init__(self, config: Config, run_dir: RunDir, num_actors: int, port: int, resume: bool):
         self.config, self.run_dir, self.num_actors = config, run_dir, num_actors
-        self.logs = run_dir.path / "logs"
+        self.logs = run_dir.logs
         self.logs.mkdir(exist_ok=True)
         self.address = f"localhost:{port}"
         self.preloaded = Builder(config).preloaded_transitions()

@@ -223,7 +223,7 @@ def plot_runs(run_dirs: List[Path], out_dir: Path | None = None) -> List[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: Dict[str, List[Record]] = {}
     for name, run_dir in zip(run_names(run_dirs), run_dirs):
-        metrics = run_dir / "metrics.jsonl"
+        metrics = rundir.RunDir(run_dir).metrics
         if not metrics.is_file():
             warnings.warn(f"{metrics}: not found; run skipped")
             continue
@@ -244,7 +244,7 @@ def plot_runs(run_dirs: List[Path], out_dir: Path | None = None) -> List[Path]:
 
 
 def _study_records(run_dir: Path) -> List[Record]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = rundir.RunDir(run_dir).metrics
     return read_metrics(path) if path.is_file() else []
 
 

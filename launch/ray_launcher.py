@@ -27,8 +27,6 @@ def _role_actor(ray):
             return ray.util.get_node_ip_address()
 
         def run(self, role: str, config_dict: dict, **kwargs) -> int:
-            import os
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             from eosrl.agents.config import from_dict
             from eosrl.launch import roles
             config = from_dict(config_dict)

@@ -14,25 +14,22 @@ uses; only the data path (Reverb over gRPC) and the parameter path (the
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import jax
+import reverb
 
-import jax  # noqa: E402
-import reverb  # noqa: E402
-
-from eosrl.agents import replay  # noqa: E402
-from eosrl.agents.builder import Builder, actor_seed, actor_shares  # noqa: E402
-from eosrl.agents.config import Config  # noqa: E402
-from eosrl.launch import resume  # noqa: E402
-from eosrl.launch.channels import (ParamsChannel, connect, inserted_steps, rate_limited_batches,  # noqa: E402
+from eosrl.agents import replay
+from eosrl.agents.builder import Builder, actor_seed, actor_shares
+from eosrl.agents.config import Config
+from eosrl.launch import resume
+from eosrl.launch.channels import (ParamsChannel, connect, inserted_steps, rate_limited_batches,
                                    while_server_answers)
-from eosrl.launch.learning import LearnerLoop, all_finite  # noqa: E402
-from eosrl.launch.lifeline import Stop, stop_on_signals  # noqa: E402
-from eosrl.launch.rundir import MetricsWriter, RunDir  # noqa: E402
+from eosrl.launch.learning import LearnerLoop, all_finite
+from eosrl.launch.lifeline import Stop, stop_on_signals
+from eosrl.launch.rundir import MetricsWriter, RunDir
 
 # The learner's exit codes, read by the launchers.
 EXIT_DIVERGED = 3

@@ -46,6 +46,10 @@ class RunDir:
         return self.path / "replay"
 
     @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
     def tb(self) -> Path:
         return self.path / "tb"
 

@@ -35,7 +35,7 @@ class Child:
         return [sys.executable, "-m", "eosrl.launch.cli", *self.args]
 
     def start(self) -> None:
-        env = child_environment(dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1"))
+        env = child_environment(dict(os.environ, PYTHONUNBUFFERED="1"))
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.cwd, env=env,

@@ -9,24 +9,21 @@ loop runs `run.total_updates`. Everything is built by agents/builder.py.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import reverb
 
-import reverb  # noqa: E402
-
-from eosrl.agents import replay  # noqa: E402
-from eosrl.agents.actor import Actor  # noqa: E402
-from eosrl.agents.builder import Builder  # noqa: E402
-from eosrl.agents.config import Config, save_config  # noqa: E402
-from eosrl.launch import resume as resume_lib  # noqa: E402
-from eosrl.launch.learning import LearnerLoop, all_finite  # noqa: E402
-from eosrl.launch.lifeline import stop_on_signals  # noqa: E402
-from eosrl.launch.rundir import MetricsWriter, RunDir  # noqa: E402
-from eosrl.launch.summary import finish_run  # noqa: E402
+from eosrl.agents import replay
+from eosrl.agents.actor import Actor
+from eosrl.agents.builder import Builder
+from eosrl.agents.config import Config, save_config
+from eosrl.launch import resume as resume_lib
+from eosrl.launch.learning import LearnerLoop, all_finite
+from eosrl.launch.lifeline import stop_on_signals
+from eosrl.launch.rundir import MetricsWriter, RunDir
+from eosrl.launch.summary import finish_run
 
 
 class _InProcessReplay:

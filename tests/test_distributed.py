@@ -1,18 +1,16 @@
 """Distributed runs: roles as real OS processes exchanging data through Reverb.
 
 These tests start real processes and really kill them (SIGKILL, Ctrl-C)."""
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from eosrl.agents import checkpoint
 from conftest import CONFIGS, ROOT
+from processes import alive, eosrl, events, has_checkpoint, kill_launch, pids, wait_for
 from eosrl.launch.rundir import read_metrics
 
 # Learning, launches and studies take seconds to minutes each: `make test-fast` leaves them out.
@@ -22,13 +20,9 @@ QUICK = ["--set", "run.eval_every=0", "--set", "run.eval_episodes=2", "--set", "
          "--set", "run.log_every=200", "--set", "run.checkpoint_every=1000"]
 
 
-def _eosrl(*args):
-    return [sys.executable, "-m", "eosrl.launch.cli", *args]
-
-
 def _start_launch(run_dir, *extra, sigint_ignored=False):
     """`sigint_ignored`: start it as a script's `eosrl launch ... &` would, with SIGINT ignored."""
-    cmd = _eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
+    cmd = eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
                  "--no-progress", *QUICK, *extra)
     # An ignored disposition survives exec, so the child starts with it as from a shell.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
@@ -39,55 +33,6 @@ def _start_launch(run_dir, *extra, sigint_ignored=False):
             signal.signal(signal.SIGINT, previous)
 
 
-def _wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _pids(run_dir):
-    path = Path(run_dir) / "logs" / "pids.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _events(run_dir, name):
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in read_metrics(path, "event") if r.get("event") == name]
-
-
-def _kill_launch(launcher, run_dir):
-    """After a failed assertion: the launcher and every role it started, so nothing
-    outlives the test and slows the rest of the suite (roles run in sessions of their own)."""
-    if launcher.poll() is None:
-        launcher.kill()
-        launcher.wait(10)
-        for pid in _pids(run_dir).values():
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _has_checkpoint(run_dir):
-    return checkpoint.latest(Path(run_dir) / "checkpoints") is not None
-
-
 def test_launch_learns_cartpole(tmp_path):
     """replay + 2 actors + learner + evaluator; the evaluation return reaches 400.
 
@@ -96,7 +41,7 @@ def test_launch_learns_cartpole(tmp_path):
     held 500 from 7.5k of 20k steps on."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        _eosrl("launch", str(CONFIGS / "c51_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
+        eosrl("launch", str(CONFIGS / "c51_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
                "--no-progress", "--set", "run.eval_every=2500", "--set", "run.eval_episodes=5",
                "--set", "run.total_env_steps=20000"),
         cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -106,7 +51,7 @@ def test_launch_learns_cartpole(tmp_path):
     assert evals and max(r["return_mean"] for r in evals) >= 400
     actors = {r["actor"] for r in read_metrics(run_dir / "metrics.jsonl", "actor")}
     assert actors == {0, 1}
-    assert all(not _alive(pid) for pid in _pids(run_dir).values())
+    assert all(not alive(pid) for pid in pids(run_dir).values())
 
 
 def test_roles_started_by_address(tmp_path):
@@ -118,10 +63,10 @@ def test_roles_started_by_address(tmp_path):
     sets = ["--set", "run.total_env_steps=1500", "--set", "replay.min_size=500", "--set", "run.log_every=200",
             "--set", "run.checkpoint_every=500"]
     address = f"localhost:{port}"
-    procs = [subprocess.Popen(_eosrl("replay-server", config, "--port", str(port), *sets), cwd=ROOT)]
+    procs = [subprocess.Popen(eosrl("replay-server", config, "--port", str(port), *sets), cwd=ROOT)]
     try:
-        procs.append(subprocess.Popen(_eosrl("learner", config, "--replay", address, "--run-dir", str(run_dir), *sets), cwd=ROOT))
-        procs.append(subprocess.Popen(_eosrl("actor", config, "--replay", address, "--id", "0", "--num-actors", "1",
+        procs.append(subprocess.Popen(eosrl("learner", config, "--replay", address, "--run-dir", str(run_dir), *sets), cwd=ROOT))
+        procs.append(subprocess.Popen(eosrl("actor", config, "--replay", address, "--id", "0", "--num-actors", "1",
                                              "--run-dir", str(run_dir), *sets), cwd=ROOT))
         assert procs[1].wait(timeout=300) == 0
         assert procs[2].wait(timeout=60) == 0
@@ -132,7 +77,7 @@ def test_roles_started_by_address(tmp_path):
                 p.wait(timeout=30)
     train = list(read_metrics(run_dir / "metrics.jsonl", "train"))
     assert train and train[-1]["step"] == 1000  # (1500 - 500) / update_period 1
-    assert _has_checkpoint(run_dir)
+    assert has_checkpoint(run_dir)
     assert list(read_metrics(run_dir / "metrics.jsonl", "actor"))
 
 
@@ -140,33 +85,33 @@ def test_actor_kill_restart_then_ctrl_c_stops_everything_and_resume_continues(tm
     run_dir = tmp_path / "run"
     launcher = _start_launch(run_dir, "--set", "run.total_env_steps=200000", sigint_ignored=True)
     try:
-        _wait_for(lambda: "actor_0" in _pids(run_dir), 120, "actors to start")
-        _wait_for(lambda: _has_checkpoint(run_dir), 240, "a first checkpoint")
-        victim = _pids(run_dir)["actor_0"]
+        wait_for(lambda: "actor_0" in pids(run_dir), 120, "actors to start")
+        wait_for(lambda: has_checkpoint(run_dir), 240, "a first checkpoint")
+        victim = pids(run_dir)["actor_0"]
         os.kill(victim, signal.SIGKILL)
-        _wait_for(lambda: _events(run_dir, "actor_restarted"), 60, "the actor restart event")
-        _wait_for(lambda: _pids(run_dir).get("actor_0") not in (None, victim), 30, "a new actor_0")
+        wait_for(lambda: events(run_dir, "actor_restarted"), 60, "the actor restart event")
+        wait_for(lambda: pids(run_dir).get("actor_0") not in (None, victim), 30, "a new actor_0")
         assert launcher.poll() is None  # the learner kept going
-        pids = _pids(run_dir)
+        roles = pids(run_dir)
         started = time.time()
         launcher.send_signal(signal.SIGINT)
         launcher.wait(timeout=30)
         assert time.time() - started < 15
     finally:
-        _kill_launch(launcher, run_dir)
-    assert all(not _alive(pid) for pid in pids.values()), pids
+        kill_launch(launcher, run_dir)
+    assert all(not alive(pid) for pid in roles.values()), roles
     last = checkpoint.latest(run_dir / "checkpoints")
     saved_step = checkpoint.read_meta(last)["learner_step"]
-    finished = _events(run_dir, "learner_finished")
+    finished = events(run_dir, "learner_finished")
     assert finished and finished[-1]["status"] == "interrupted"
     assert finished[-1]["step"] == saved_step  # the final checkpoint is the learner's last state
 
     # Resume continues the learner's step counter, with the replay reloaded.
-    resumed = subprocess.run(_eosrl("launch", "--resume", str(run_dir), "--no-progress",
+    resumed = subprocess.run(eosrl("launch", "--resume", str(run_dir), "--no-progress",
                                     "--set", f"run.total_env_steps={checkpoint.read_meta(last)['env_steps'] + 1500}"),
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    event = _events(run_dir, "resumed")[-1]
+    event = events(run_dir, "resumed")[-1]
     assert event["step"] == saved_step
     assert event["replay_size"] > 0
     train = [r for r in read_metrics(run_dir / "metrics.jsonl", "train") if r["step"] > saved_step]
@@ -177,15 +122,15 @@ def test_learner_death_stops_run_with_message(tmp_path):
     run_dir = tmp_path / "run"
     launcher = _start_launch(run_dir, "--set", "run.total_env_steps=200000")
     try:
-        _wait_for(lambda: _has_checkpoint(run_dir), 240, "a first checkpoint")
-        pids = _pids(run_dir)
-        os.kill(pids["learner"], signal.SIGKILL)
+        wait_for(lambda: has_checkpoint(run_dir), 240, "a first checkpoint")
+        roles = pids(run_dir)
+        os.kill(roles["learner"], signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=60)
     finally:
-        _kill_launch(launcher, run_dir)
+        kill_launch(launcher, run_dir)
     assert launcher.returncode == 1
     assert "learner exited" in stderr and "--resume" in stderr
-    assert all(not _alive(pid) for pid in pids.values())
+    assert all(not alive(pid) for pid in roles.values())
     checkpoint.load(checkpoint.latest(run_dir / "checkpoints"), _template())
 
 
@@ -200,7 +145,7 @@ def test_ray_launcher_runs_a_short_job(tmp_path):
     pytest.importorskip("ray", reason="Ray is the optional [ray] extra; `make test` installs it")
     run_dir = tmp_path / "ray"
     result = subprocess.run(
-        _eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--launcher", "ray", "--actors", "1",
+        eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--launcher", "ray", "--actors", "1",
                "--run-dir", str(run_dir), "--no-progress", "--set", "run.total_env_steps=1500",
                "--set", "replay.min_size=500", "--set", "run.eval_every=500", "--set", "run.eval_episodes=2",
                "--set", "run.log_every=250"),
@@ -209,7 +154,7 @@ def test_ray_launcher_runs_a_short_job(tmp_path):
     train = list(read_metrics(run_dir / "metrics.jsonl", "train"))
     assert train and train[-1]["step"] == 1000
     assert list(read_metrics(run_dir / "metrics.jsonl", "actor"))
-    assert _has_checkpoint(run_dir)
+    assert has_checkpoint(run_dir)
     assert any((run_dir / "replay").iterdir())  # the final table checkpoint, asked for at shutdown
 
 
@@ -227,26 +172,26 @@ def test_launch_offline_and_offline_to_online(tmp_path):
               "--set", "run.log_every=100", "--set", "replay.checkpoint=false", "--set", "replay.min_size=500"]
 
     offline = tmp_path / "offline"
-    result = subprocess.run(_eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2",
+    result = subprocess.run(eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "2",
                                    "--run-dir", str(offline), *common, "--set", "regime.mode=offline",
                                    "--set", "regime.subset=last 600", "--set", "run.total_updates=300",
                                    "--set", "run.eval_every=150"),
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert [e["transitions"] for e in _events(offline, "dataset_loaded")] == [600]
-    finished = _events(offline, "learner_finished")[-1]
+    assert [e["transitions"] for e in events(offline, "dataset_loaded")] == [600]
+    finished = events(offline, "learner_finished")[-1]
     assert finished["status"] == "completed" and finished["step"] == 300 and finished["env_steps"] == 0
     assert not list(read_metrics(offline / "metrics.jsonl", "actor")) and not (offline / "logs" / "actor_0.log").exists()
     assert list(read_metrics(offline / "metrics.jsonl", "eval"))  # the policy is still measured
 
     mixed = tmp_path / "o2o"
-    result = subprocess.run(_eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "1",
+    result = subprocess.run(eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "1",
                                    "--run-dir", str(mixed), *common, "--set", "regime.mode=offline_to_online",
                                    "--set", "run.total_env_steps=400", "--set", "run.eval_every=0"),
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert [e["transitions"] for e in _events(mixed, "dataset_loaded")] == [1000]
-    finished = _events(mixed, "learner_finished")[-1]
+    assert [e["transitions"] for e in events(mixed, "dataset_loaded")] == [1000]
+    finished = events(mixed, "learner_finished")[-1]
     # 1000 preloaded >= min_size: an update per env step from the first one (update_period 1).
     assert finished["status"] == "completed" and finished["step"] == 400
     # Env steps count the actor's transitions only (an episode cut at the end leaves

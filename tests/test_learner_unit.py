@@ -184,19 +184,12 @@ def test_linear_epsilon_at_start_half_end_beyond_and_zero_decay():
     assert linear_epsilon(1.0, 0.1, 0)(5) == pytest.approx(0.1)
 
 
-def _actor_epsilon(config, actor_id, num_actors):
-    """Actor `actor_id`'s ε schedule, wherever the refactor of issue 13 has put it."""
-    try:
-        from eosrl.agents.builder import Builder
-    except ImportError:
-        from eosrl.launch.roles import actor_epsilon
-        return actor_epsilon(config, actor_id, num_actors)
-    return Builder(config).epsilon(actor_id, num_actors)
-
-
 def test_apex_actor_epsilons_follow_the_ape_x_formula():
     """Breaks if ε_i is not 0.4^(1 + 7 i/(N−1)) (exponent, spread or base), or varies with steps."""
-    actor_epsilon = _actor_epsilon
+    from eosrl.agents.builder import Builder  # actor i's ε (launch.roles.actor_epsilon before issue 13)
+
+    def actor_epsilon(config, actor_id, num_actors):
+        return Builder(config).epsilon(actor_id, num_actors)
     config = load_config(CONFIGS / "dqn_cartpole.yaml", ["distributed.actor_epsilon=apex"])
     n = 8
     values = [actor_epsilon(config, i, n)(0) for i in range(n)]

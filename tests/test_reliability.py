@@ -5,11 +5,9 @@ is gone: `--overwrite` on folders that are not runs, a launcher killed with
 SIGKILL, a diverging learner, a replay server killed mid-run, a corrupt
 checkpoint or dataset, non-finite config values, the evaluation schedule on resume.
 """
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,53 +18,13 @@ import pytest
 from eosrl.agents import checkpoint
 from eosrl.agents.config import ConfigError, load_config
 from conftest import CONFIGS, ROOT
+from processes import alive, eosrl, events, kill_launch, pids, wait_for
 from eosrl.launch import cli
 from eosrl.launch.rundir import read_metrics
 
 CARTPOLE = str(CONFIGS / "dqn_cartpole.yaml")
 QUICK = ["--no-progress", "--set", "run.eval_every=0", "--set", "run.eval_episodes=2",
          "--set", "replay.min_size=500", "--set", "run.log_every=200"]
-
-
-def _eosrl(*args):
-    return [sys.executable, "-m", "eosrl.launch.cli", *args]
-
-
-def _wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _pids(run_dir):
-    path = Path(run_dir) / "logs" / "pids.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"  # a zombie has exited
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-
-
-def _kill_all(launcher, run_dir):
-    """After a failed assertion: nothing outlives the test."""
-    if launcher.poll() is None:
-        launcher.kill()
-        launcher.wait(10)
-    for pid in _pids(run_dir).values():
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _events(run_dir, name):
-    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl", "event") if r.get("event") == name]
 
 
 # ----------------------------------------------------------------------------
@@ -168,24 +126,24 @@ def test_sigkilled_launcher_leaves_no_process_and_said_where_replay_listens(tmp_
     import portpicker
     port = portpicker.pick_unused_port()
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(_eosrl("launch", CARTPOLE, "--actors", "1", "--run-dir", str(run_dir),
+    launcher = subprocess.Popen(eosrl("launch", CARTPOLE, "--actors", "1", "--run-dir", str(run_dir),
                                        "--replay-port", str(port), *QUICK, "--set", "run.total_env_steps=200000"),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: {"learner", "actor_0", "evaluator", "replay"} <= set(_pids(run_dir)), 120, "every role")
-        _wait_for(lambda: list(read_metrics(run_dir / "metrics.jsonl", "train")), 180, "learning")
-        pids = {k: v for k, v in _pids(run_dir).items() if k != "launcher"}
+        wait_for(lambda: {"learner", "actor_0", "evaluator", "replay"} <= set(pids(run_dir)), 120, "every role")
+        wait_for(lambda: list(read_metrics(run_dir / "metrics.jsonl", "train")), 180, "learning")
+        roles = {k: v for k, v in pids(run_dir).items() if k != "launcher"}
         launcher.kill()
         _, stderr = launcher.communicate(timeout=10)
         started = time.time()
-        _wait_for(lambda: not any(_alive(pid) for pid in pids.values()), 15, "every role to end")
+        wait_for(lambda: not any(alive(pid) for pid in roles.values()), 15, "every role to end")
         assert time.time() - started < 15
     finally:
-        _kill_all(launcher, run_dir)
+        kill_launch(launcher, run_dir)
     assert f"replay server on port {port} of every network interface, without authentication" in stderr
     assert f"listening on port {port}" in (run_dir / "logs" / "replay.log").read_text()
     # They ended the clean way: the learner wrote its final checkpoint.
-    assert [e["status"] for e in _events(run_dir, "learner_finished")] == ["interrupted"]
+    assert [e["status"] for e in events(run_dir, "learner_finished")] == ["interrupted"]
 
 
 # ----------------------------------------------------------------------------
@@ -196,20 +154,20 @@ def test_sigkilled_launcher_leaves_no_process_and_said_where_replay_listens(tmp_
 def test_launch_reports_divergence_at_its_update_and_never_evaluates_nan(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        _eosrl("launch", CARTPOLE, "--actors", "1", "--run-dir", str(run_dir), *QUICK,
+        eosrl("launch", CARTPOLE, "--actors", "1", "--run-dir", str(run_dir), *QUICK,
                "--set", "agent.optimizer.name=sgd", "--set", "agent.optimizer.lr=1e6",
                "--set", "agent.optimizer.momentum=0.0", "--set", "run.total_env_steps=20000",
                "--set", "run.eval_every=1", "--set", "run.log_every=5000", "--set", "run.checkpoint_every=1",
                "--set", "replay.checkpoint=false"),
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
-    [divergence] = _events(run_dir, "divergence")
+    [divergence] = events(run_dir, "divergence")
     update = divergence["step"]
     assert divergence["reason"] == "non-finite loss" and divergence["loss"] in ("nan", "inf", "-inf")
     assert f"the learner diverged: the TD loss became non-finite at update {update}" in result.stderr
     assert "learner_died" not in result.stdout and "--resume" not in result.stderr
     assert "Run diverged" in result.stdout and "final evaluation" not in result.stdout
-    [finished] = _events(run_dir, "learner_finished")
+    [finished] = events(run_dir, "learner_finished")
     assert finished["status"] == "diverged" and finished["diverged_at"] == update
     assert finished["step"] <= update + 1  # stopped within one update, not at the next log
     # The train record of that window shows the non-finite loss at once.
@@ -229,7 +187,7 @@ def test_train_reports_divergence_at_its_update(tmp_path):
                                     "run.eval_episodes=1", "replay.checkpoint=false"])
     summary = train(config, tmp_path / "run", progress=False)
     assert summary["status"] == "diverged" and summary["final_eval_return"] is None
-    [divergence] = _events(tmp_path / "run", "divergence")
+    [divergence] = events(tmp_path / "run", "divergence")
     update = divergence["step"]
     assert 0 < update < 4000 and f"non-finite at update {update}" in summary["message"]
     train_records = list(read_metrics(tmp_path / "run" / "metrics.jsonl", "train"))
@@ -248,23 +206,23 @@ def test_replay_server_kill_then_resume_ends_at_the_budget(tmp_path):
     # n_step 1: every env step is one replay insert, so the count can be checked exactly.
     sets = [*QUICK, "--set", "agent.n_step=1", "--set", "run.checkpoint_every=1000",
             "--set", "run.total_env_steps=6000"]
-    launcher = subprocess.Popen(_eosrl("launch", CARTPOLE, "--actors", "2", "--run-dir", str(run_dir), *sets),
+    launcher = subprocess.Popen(eosrl("launch", CARTPOLE, "--actors", "2", "--run-dir", str(run_dir), *sets),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: checkpoint.latest(run_dir / "checkpoints") is not None, 240, "a first checkpoint")
-        os.kill(_pids(run_dir)["replay"], signal.SIGKILL)
+        wait_for(lambda: checkpoint.latest(run_dir / "checkpoints") is not None, 240, "a first checkpoint")
+        os.kill(pids(run_dir)["replay"], signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=60)
     finally:
-        _kill_all(launcher, run_dir)
+        kill_launch(launcher, run_dir)
     assert launcher.returncode == 1
     assert "the replay server exited with code -9" in stderr and f"eosrl launch --resume {run_dir}" in stderr
     saved = checkpoint.read_meta(checkpoint.latest(run_dir / "checkpoints"))
     assert 0 < saved["env_steps"] < 6000
 
-    resumed = subprocess.run(_eosrl("launch", "--resume", str(run_dir), "--no-progress"),
+    resumed = subprocess.run(eosrl("launch", "--resume", str(run_dir), "--no-progress"),
                              cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    finished = _events(run_dir, "learner_finished")[-1]
+    finished = events(run_dir, "learner_finished")[-1]
     assert finished["status"] == "completed"
     assert finished["env_steps"] == 6000  # not restarted at 0, not past the budget
     steps = [r["env_steps"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]

@@ -2,10 +2,10 @@
 installed name. These read the source (every import, function-level and
 type-only ones included) and the built wheel; they run nothing of eosrl."""
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -129,8 +129,15 @@ def test_modules_and_functions_stay_small():
 
 def test_wheel_installs_only_eosrl(tmp_path):
     """`pip install` puts one top-level name into site-packages, with every subpackage."""
+    source = tmp_path / "source"  # a clean copy: an in-tree build/ could keep deleted files
+    source.mkdir()
+    for name in ["pyproject.toml", "README.md", "eosrl", *PACKAGES]:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                             "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                             "-q", "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("eosrl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

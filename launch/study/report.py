@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from eosrl.launch.rundir import RunDir
 from eosrl.launch.study.spec import FINISHED, RunResult, RunSpec, summarize_run
 
 
@@ -34,7 +35,7 @@ def report_rows(specs: Sequence[RunSpec], results: Dict[str, RunResult]) -> List
         elif result is not None:
             status = result.status
         else:  # not run by this invocation: did an earlier one start it?
-            status = "interrupted" if (spec.run_dir / "metrics.jsonl").is_file() else "not run"
+            status = "interrupted" if RunDir(spec.run_dir).metrics.is_file() else "not run"
         wall = summary["wall_seconds"] if summary["wall_seconds"] is not None else (result.seconds if result else None)
         rows.append({"stage": spec.stage, "run": spec.name, "values": spec.values, "status": status,
                      "skipped": bool(result and result.skipped), "wall_seconds": wall,

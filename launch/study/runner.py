@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from eosrl.agents import checkpoint
 from eosrl.agents.config import ConfigError, load_config
 from eosrl.launch.lifeline import stop_on_signals
+from eosrl.launch.rundir import RunDir
 from eosrl.launch.study.report import report_rows, status_counts, write_report
 from eosrl.launch.study.spec import (FINISHED, ROOT, RunResult, RunSpec, StudyError, finished_status,
                                      load_study, plan_study, summarize_run)
@@ -120,7 +121,7 @@ def resumable(spec: RunSpec) -> bool:
     """Whether an unfinished attempt left a checkpoint of exactly this run's config
     (a study file edited since then starts the run over)."""
     run_dir = spec.run_dir
-    if spec.config is None or checkpoint.latest(run_dir / "checkpoints") is None:
+    if spec.config is None or checkpoint.latest(RunDir(run_dir).checkpoints) is None:
         return False
     try:
         return load_config(run_dir / "config.yaml") == spec.config
