@@ -104,6 +104,7 @@ def case(request):
     return get_case(request.param)
 
 
+@pytest.mark.slow  # several seconds of compilation and dense eigendecompositions
 def test_top_eigenvalues_match_dense(case):
     expected = top_k_desc(case.hessian, 5)
     assert expected[0] > 0
@@ -177,6 +178,7 @@ def test_should_probe(case):
     assert not off.should_probe(10)
 
 
+@pytest.mark.slow  # several seconds of compilation and dense eigendecompositions
 def test_power_method_matches_dense():
     dqn = get_case("dqn")
     prober = probes.Prober(ProbeConfig(enabled=True, method="power", num_eigs=3, iterations=100,
@@ -200,6 +202,7 @@ def preconditioned_dense(hessian: np.ndarray, p: np.ndarray) -> np.ndarray:
     return d[:, None] * hessian * d[None, :]
 
 
+@pytest.mark.slow  # several seconds of compilation and dense eigendecompositions
 def test_adam_preconditioned_sharpness_with_clipping():
     batch = make_batch(0)
     opt = OptimizerConfig(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0)
@@ -220,6 +223,7 @@ def test_adam_preconditioned_sharpness_with_clipping():
     assert record["threshold"] == pytest.approx(38.0 / 1e-3)
 
 
+@pytest.mark.slow  # several seconds of compilation and dense eigendecompositions
 def test_rmsprop_preconditioned_sharpness_c51():
     batch = make_batch(0)
     opt = OptimizerConfig(name="rmsprop", lr=1e-3, decay=0.95, eps=1e-8)
@@ -342,6 +346,7 @@ def test_threshold_unbounded_at_zero_lr():
 # Edge of stability in supervised learning, through the same probe code.
 
 
+@pytest.mark.slow  # several seconds of compilation and dense eigendecompositions
 def test_full_batch_gd_reaches_and_hovers_at_two_over_eta():
     result = eos_supervised.run(steps=2000, lr=0.1, probe_every=25, last_fraction=0.3,
                                 verbose=False, plot_path=None)
