@@ -44,7 +44,7 @@ def make_policy(network: networks.Network):
 class EpisodeStats:
     """Raw (unclipped) returns and lengths of finished episodes."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.returns: List[float] = []
         self.lengths: List[int] = []
         self._return = 0.0

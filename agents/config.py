@@ -140,15 +140,18 @@ class RunConfig:
     unseeded generator in C++, so two runs with one seed match until the first sampled batch
     and differ after it (README, Reproducibility)."""
     eval_every: int = 10_000
-    """Env steps between evaluations (0 disables periodic evaluation; a final one always runs)."""
+    """Env steps between evaluations (0 disables periodic evaluation; a completed run always
+    gets a final one). Like `checkpoint_every` and `log_every`, it is counted in learner updates,
+    one per `replay.update_period` env steps, so it falls on the same updates in one process,
+    distributed, and after a resume."""
     eval_episodes: int = 10
     """Episodes per evaluation."""
     checkpoint_every: int = 10_000
-    """Env steps between checkpoints (a final one is always written)."""
+    """Env steps between checkpoints (a final one is always written); in updates, as eval_every."""
     keep_checkpoints: int = 3
     """Most recent checkpoints kept on disk."""
     log_every: int = 1_000
-    """Env steps between `train` records in metrics.jsonl."""
+    """Env steps between `train` records in metrics.jsonl; in updates, as eval_every."""
 
 
 @dataclass
