@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
@@ -40,7 +39,6 @@ ROW_FIELDS = {
     "final_obs": np.bool_,       # last observation of an episode: no action
 }
 SHARD_ARRAYS = ("frames", "next_frame") + tuple(ROW_FIELDS)
-_SHARD_NAME = re.compile(r"^shard_(\d{5,})\.npz$")
 
 
 class DatasetError(ValueError):
