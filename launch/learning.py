@@ -39,7 +39,7 @@ class LearnerLoop:
     seen. Optional hooks: `snapshot()` takes the replay snapshot paired with each
     checkpoint; `publish(params, net_state, step, env_steps)` hands acting parameters
     to actors; `evaluate(step)` runs an evaluation; `record_values()` adds the caller's
-    values to each `train` record.
+    values to each `train` record and `checkpoint_meta()` to each checkpoint's meta.
     """
 
     def __init__(self, builder: Builder, run_dir: RunDir, metrics: MetricsWriter,
@@ -48,7 +48,8 @@ class LearnerLoop:
                  snapshot: Optional[Callable[[], Optional[str]]] = None,
                  publish: Optional[Callable[..., None]] = None,
                  evaluate: Optional[Callable[[int], Any]] = None,
-                 record_values: Callable[[], Dict[str, Any]] = dict):
+                 record_values: Callable[[], Dict[str, Any]] = dict,
+                 checkpoint_meta: Callable[[], Dict[str, Any]] = dict):
         self.config = builder.config
         self._builder = builder
         self.learner = builder.make_learner()
@@ -59,7 +60,7 @@ class LearnerLoop:
         self.run_dir, self.metrics = run_dir, metrics
         self._batches, self._sample_items, self._env_steps = batches, sample_items, env_steps
         self._snapshot, self._publish, self._evaluate = snapshot, publish, evaluate
-        self._record_values = record_values
+        self._record_values, self._checkpoint_meta = record_values, checkpoint_meta
         schedule, run = builder.schedule(), self.config.run
         self._log_every = schedule.every(run.log_every)
         self._eval_every = schedule.every(run.eval_every)
@@ -164,7 +165,7 @@ class LearnerLoop:
         self.last_env_steps = env_steps
         self.metrics.write("train", step, **values)
 
-    def save(self, env_steps: Optional[int] = None, **meta: Any) -> Optional[Path]:
+    def save(self, env_steps: Optional[int] = None) -> Optional[Path]:
         """A checkpoint (with the fixed probe batch and the paired replay snapshot), unless
         the parameters went non-finite: then the last good checkpoint stays the newest."""
         env_steps = self._env_steps() if env_steps is None else env_steps
@@ -173,7 +174,8 @@ class LearnerLoop:
                                reason="non-finite parameters; the last good checkpoint is kept")
             return None
         keep_batch = self._fixed_probe_batch() and self.probe_batch is not None
-        meta = {**meta, "env_steps": env_steps, "learner_step": self.learner.step, "has_probe_batch": keep_batch}
+        meta = {**self._checkpoint_meta(), "env_steps": env_steps, "learner_step": self.learner.step,
+                "has_probe_batch": keep_batch}
         if self._snapshot is not None:
             meta["replay_checkpoint"] = self._snapshot()
         path = self.learner.save(self.run_dir.checkpoints, keep=self.config.run.keep_checkpoints,
@@ -182,7 +184,7 @@ class LearnerLoop:
             resume.prune_replay_checkpoints(self.run_dir.path)
         return path
 
-    def finish(self, status: str, env_steps: Optional[int] = None, **meta: Any) -> str:
+    def finish(self, status: str, env_steps: Optional[int] = None) -> str:
         """Ends the learner's part of the run: the last loss checked, the last `train`
         record, the final checkpoint and a `learner_finished` event. Returns the status
         (`diverged` if the last update's loss was not finite)."""
@@ -191,7 +193,7 @@ class LearnerLoop:
         env_steps = self.last_env_steps if env_steps is None else env_steps
         if self._window:
             self.write_train(env_steps)
-        self.save(env_steps, **meta)
+        self.save(env_steps)
         self.metrics.write("event", self.learner.step, event="learner_finished", status=status,
                            env_steps=env_steps, diverged_at=self.diverged_at)
         return status

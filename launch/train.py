@@ -120,7 +120,8 @@ class _Run:
         self.loop = LearnerLoop(builder, run_dir, metrics, data.batches(), env_steps=lambda: self.env_steps,
                                 sample_items=lambda n: replay.sample_items(data.client, n, builder.signature()),
                                 snapshot=data.snapshot if data.snapshots else None,
-                                evaluate=self.evaluate, record_values=self._record_values)
+                                evaluate=self.evaluate, record_values=self._record_values,
+                                checkpoint_meta=lambda: {"episodes": self.episodes})
         self._tick = (time.time(), 0)
 
     def start(self, resume: bool) -> None:
@@ -191,7 +192,7 @@ class _Run:
     def finish(self, status: str) -> str:
         if self.recorder is not None:
             self.recorder.close()
-        return self.loop.finish(status, self.env_steps, episodes=self.episodes)
+        return self.loop.finish(status, self.env_steps)
 
     def evaluate(self, step: int) -> Optional[Dict[str, float]]:
         """An in-process evaluation (the distributed run's evaluator role)."""
