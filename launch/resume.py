@@ -38,7 +38,7 @@ def _snapshots(run_dir: RunDir):
     return sorted(p for p in run_dir.replay.iterdir() if p.is_dir()) if run_dir.replay.is_dir() else []
 
 
-def replay_snapshot(run_path: str | Path) -> Optional[Path]:
+def paired_snapshot(run_path: str | Path) -> Optional[Path]:
     """The snapshot paired with the newest intact learner checkpoint, if it is on disk."""
     run_dir = RunDir(run_path)
     latest = checkpoint.latest(run_dir.checkpoints)
@@ -49,7 +49,7 @@ def prepare_replay(run_path: str | Path) -> Optional[Path]:
     """Before a replay server starts on RUN_DIR/replay: removes every snapshot but the
     paired one, which Reverb then loads as the newest. Returns it (None: start empty)."""
     run_dir = RunDir(run_path)
-    keep = replay_snapshot(run_path)
+    keep = paired_snapshot(run_path)
     for snapshot in _snapshots(run_dir):
         if keep is None or snapshot.resolve() != keep.resolve():
             shutil.rmtree(snapshot, ignore_errors=True)
