@@ -158,22 +158,35 @@ class RunConfig:
 class ProbeConfig:
     enabled: bool = False
     """Measure Hessian eigenvalues of the TD loss during training."""
+    mode: Literal["inline", "process"] = "inline"
+    """`inline`: the learner probes between updates; `process`: `eosrl launch` runs a prober process that
+    measures snapshots the learner publishes, while it keeps learning (`eosrl train` always probes inline)."""
     every: int = 100
     """Learner updates between probes."""
     num_eigs: int = 5
     """Top eigenvalues reported (sorted by value, largest first)."""
-    iterations: int = 20
-    """Lanczos iterations (Hessian-vector products) per probe; power iterations for `power`."""
-    method: Literal["lanczos", "power"] = "lanczos"
-    """`lanczos` (full reorthogonalisation) or `power` (top eigenvalue by deflated power iteration)."""
+    method: Literal["lobpcg", "lanczos"] = "lobpcg"
+    """`lobpcg`: block solver started from the previous probe's eigenvectors, stopped at `tolerance`;
+    `lanczos`: a cold start each probe, `iterations` Lanczos steps with full reorthogonalisation."""
+    tolerance: float = 1e-3
+    """An eigenpair counts as converged when ‖Hv − λv‖ ≤ tolerance·|λ₁|; `lobpcg` stops once all are."""
+    iterations: int = 30
+    """Most solver iterations per probe: block iterations (`lobpcg`) or Lanczos steps (`lanczos`)."""
     smallest: bool = False
     """Also estimate the smallest eigenvalue (negative curvature)."""
     batch: Literal["fixed", "fresh"] = "fixed"
-    """`fixed`: one batch drawn when learning starts and reused (kept in checkpoints); `fresh`: a new batch each probe."""
+    """`fixed`: one batch drawn when learning starts and reused (kept with the run); `fresh`: a new batch each probe."""
     batch_size: int = 512
     """Transitions in the probe batch, independent of the training batch."""
+    max_queued: int = 4
+    """`process` mode: snapshots that may wait for the prober (the one being measured included); when
+    that many wait, the learner skips the next one (it never waits) and writes a `probe_skipped` event."""
+    trace_every: int = 0
+    """Learner updates between Hutchinson estimates of tr(H) (a multiple of `every`; 0: never)."""
     hutchinson_samples: int = 10
     """Rademacher probes of Hutchinson's estimator of the Hessian trace."""
+    geometric_complexity_every: int = 0
+    """Learner updates between measures of the Q-network's geometric complexity (a multiple of `every`; 0: never)."""
 
 
 @dataclass
@@ -373,6 +386,26 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {bound}, got {value}")
 
 
+def _validate_probe(p: ProbeConfig, capacity: int) -> None:
+    _positive("probe.every", p.every)
+    _positive("probe.num_eigs", p.num_eigs)
+    _positive("probe.batch_size", p.batch_size)
+    _positive("probe.hutchinson_samples", p.hutchinson_samples)
+    _positive("probe.iterations", p.iterations)
+    _positive("probe.max_queued", p.max_queued)
+    if not 0.0 < p.tolerance < 1.0:
+        raise ConfigError(f"probe.tolerance: must be in (0, 1), got {p.tolerance}")
+    if p.method == "lanczos" and p.iterations < p.num_eigs:
+        raise ConfigError(f"probe.iterations: {p.iterations} is fewer than probe.num_eigs {p.num_eigs}")
+    for name in ("trace_every", "geometric_complexity_every"):
+        every = getattr(p, name)
+        _positive(f"probe.{name}", every, allow_zero=True)
+        if every % p.every:
+            raise ConfigError(f"probe.{name}: {every} is not a multiple of probe.every {p.every} (0: never)")
+    if p.enabled and p.batch_size > capacity:
+        raise ConfigError(f"probe.batch_size: {p.batch_size} is larger than replay.capacity {capacity}")
+
+
 def parse_subset(subset: str) -> tuple:
     """("all", None) or (mode, N) from `regime.subset`, e.g. "first 100000"."""
     parts = str(subset).split()
@@ -432,15 +465,7 @@ def validate(c: Config) -> None:
     _positive("run.checkpoint_every", u.checkpoint_every)
     _positive("run.keep_checkpoints", u.keep_checkpoints)
     _positive("run.log_every", u.log_every)
-    p = c.probe
-    _positive("probe.every", p.every)
-    _positive("probe.num_eigs", p.num_eigs)
-    _positive("probe.batch_size", p.batch_size)
-    _positive("probe.hutchinson_samples", p.hutchinson_samples)
-    if p.iterations < p.num_eigs:
-        raise ConfigError(f"probe.iterations: {p.iterations} is fewer than probe.num_eigs {p.num_eigs}")
-    if p.enabled and p.batch_size > r.capacity:
-        raise ConfigError(f"probe.batch_size: {p.batch_size} is larger than replay.capacity {r.capacity}")
+    _validate_probe(c.probe, r.capacity)
     d = c.distributed
     _positive("distributed.num_actors", d.num_actors)
     _positive("distributed.param_refresh_steps", d.param_refresh_steps)

@@ -37,6 +37,7 @@ REPLAY_TABLE = "replay"
 ITEM_FIELDS = ("action", "discount", "next_obs", "obs", "reward")
 _SQUEEZED = [field not in ("obs", "next_obs") for field in ITEM_FIELDS]
 PARAMS_TABLE = "params"
+PROBE_TABLE = "probe_snapshots"
 # Items a writer may have unconfirmed: Reverb logs "the number of pending items is alarmingly
 # high" at 50 (every 10th time), which a window of 64 reached between waits (513 warnings in
 # one 20k-step launch); waits come every half window, so the count peaks at this value.
@@ -76,6 +77,16 @@ def params_table() -> reverb.Table:
     return reverb.Table(name=PARAMS_TABLE, sampler=reverb.selectors.Lifo(),
                         remover=reverb.selectors.Fifo(), max_size=1,
                         rate_limiter=reverb.rate_limiters.MinSize(1))
+
+
+def probe_table(max_queued: int) -> reverb.Table:
+    """The learner's snapshots waiting for the prober (`probe.mode: process`), oldest
+    first. The prober deletes a snapshot only once its record is written, so one it was
+    measuring when it died is still there for the prober that restarts. The learner
+    checks the size before inserting and skips a snapshot when the queue is full: it
+    never waits, and nothing is evicted."""
+    return reverb.Table(name=PROBE_TABLE, sampler=reverb.selectors.Fifo(), remover=reverb.selectors.Fifo(),
+                        max_size=max_queued, rate_limiter=reverb.rate_limiters.MinSize(1))
 
 
 def start_server(tables: List[reverb.Table], port: Optional[int] = None,

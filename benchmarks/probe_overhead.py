@@ -1,52 +1,121 @@
-"""Wall-clock overhead of probing every 100 updates in a MinAtar run: the same
-short `eosrl train` run of configs/eos_dqn_minatar_breakout.yaml (batch 512,
-SGD momentum) with probes off and on, in the same process.
+"""What Hessian probes cost the learner, at the paper's protocol: MinAtar Breakout,
+DQN (configs/eos_dqn_minatar_breakout.yaml: batch 512, SGD momentum), the top-5
+eigenvalues on a fixed batch of 512 every 100 updates, in offline launches
+(replay server + learner [+ prober]) on a recorded dataset:
 
-    python benchmarks/probe_overhead.py [--env-steps N]
+  off       probes disabled (the baseline, measured in the same run)
+  inline    the learner probes between its updates (probe.mode: inline)
+  process   a prober process measures the learner's snapshots (probe.mode: process)
+
+It prints learner updates/s of each (after the first train record, so compilation
+is left out), the ratios to `off`, the snapshots the prober skipped, and the HVPs
+per probe: the first probe (a cold start) against the warm-started ones, at
+probe.tolerance (1e-3). Then, on the process run's last snapshot and batch, the
+HVPs a cold start needs for the same accuracy, for a like-for-like comparison.
+
+    python benchmarks/probe_overhead.py [--updates 5000] [--dataset-steps 20000]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Dict, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from eosrl.agents.config import load_config  # noqa: E402
 from eosrl.launch.rundir import read_metrics  # noqa: E402
-from eosrl.launch.train import train  # noqa: E402
+
+CONFIG = "configs/eos_dqn_minatar_breakout.yaml"
+MODES = {"off": ["probe.enabled=false"], "inline": ["probe.mode=inline"], "process": ["probe.mode=process"]}
 
 
-def timed_run(probe: bool, env_steps: int, directory: Path) -> tuple:
-    config = load_config("configs/eos_dqn_minatar_breakout.yaml", [
-        f"probe.enabled={str(probe).lower()}", f"run.total_env_steps={env_steps}",
-        "replay.min_size=1000", "run.eval_every=0", "run.eval_episodes=1",
-        f"run.checkpoint_every={env_steps}", "replay.checkpoint=false", "agent.epsilon_decay_steps=1000"])
-    start = time.perf_counter()
-    summary = train(config, directory, progress=False)
-    seconds = time.perf_counter() - start
-    probes = list(read_metrics(directory / "metrics.jsonl", "probe"))
-    return seconds, summary["learner_updates"], probes
+def record_dataset(path: Path, steps: int) -> None:
+    """ε-greedy steps of the untrained network (min_size = the budget: no updates)."""
+    from eosrl.agents.config import load_config
+    from eosrl.launch.train import train
+    train(load_config(CONFIG, [f"run.total_env_steps={steps}", f"replay.min_size={steps}",
+                               f"replay.capacity={steps}", "run.eval_every=0", "run.eval_episodes=1",
+                               "replay.checkpoint=false", f"replay.record_to={path}", "probe.enabled=false"]),
+          path.parent / "record_run", progress=False)
+
+
+def launch(mode: str, dataset: Path, updates: int, run_dir: Path) -> List[Dict]:
+    sets = ["regime.mode=offline", f"regime.dataset={dataset}", f"run.total_updates={updates}",
+            "run.eval_every=0", "run.eval_episodes=1", "run.log_every=500", f"run.checkpoint_every={updates}",
+            "replay.min_size=5000", *MODES[mode]]
+    cmd = [sys.executable, "-m", "eosrl.launch.cli", "launch", CONFIG, "--run-dir", str(run_dir), "--no-progress"]
+    for item in sets:
+        cmd += ["--set", item]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return list(read_metrics(run_dir / "metrics.jsonl"))
+
+
+def updates_per_second(records: List[Dict]) -> float:
+    train = [r for r in records if r["kind"] == "train"][1:]  # the first window holds the compile
+    return (train[-1]["step"] - train[0]["step"]) / (train[-1]["time"] - train[0]["time"])
+
+
+def cold_start_hvps(run_dir: Path) -> Dict:
+    """A cold-started probe of the last checkpoint on the run's probe batch, with the same
+    tolerance, and one with 30 Lanczos steps (the old default protocol) for reference."""
+    import numpy as np
+    from eosrl.agents import checkpoint
+    from eosrl.agents.builder import Builder
+    from eosrl.agents.config import load_config
+    from eosrl.agents.probes import Prober
+    from eosrl.launch.prober import load_probe_batch
+    config = load_config(run_dir / "config.yaml")
+    builder = Builder(config)
+    learner = builder.make_learner()
+    builder.restore(learner, checkpoint.latest(run_dir / "checkpoints"))
+    batch = learner.preprocess(load_probe_batch(run_dir))
+    snap = Prober(config.probe, learner).snapshot(learner.state, learner.current_lr(), 0)
+    out = {}
+    for name, probe_config in (("lobpcg_cold", config.probe),
+                               ("lanczos_30", type(config.probe)(**{**vars(config.probe), "method": "lanczos"}))):
+        prober = Prober(probe_config, learner)
+        prober.probe(snap, batch)  # compile
+        prober._vectors = None     # a cold start again, now timed
+        record = prober.probe(snap, batch)
+        out[name] = record
+    top = np.asarray(out["lanczos_30"]["eigenvalues"])
+    out["agreement"] = float(np.max(np.abs(np.asarray(out["lobpcg_cold"]["eigenvalues"]) - top) / abs(top[0])))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env-steps", type=int, default=5000)
+    parser.add_argument("--updates", type=int, default=5000)
+    parser.add_argument("--dataset-steps", type=int, default=20000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base, updates, _ = timed_run(False, args.env_steps, Path(tmp) / "off")
-        probed, _, probes = timed_run(True, args.env_steps, Path(tmp) / "on")
-    probe_seconds = sum(p["seconds"] for p in probes)
-    print(f"MinAtar DQN, batch 512, {args.env_steps} env steps, {updates} updates, {len(probes)} probes "
-          f"(top-5 Lanczos, 30 iterations, batch 512)")
-    print(f"without probes: {base:7.1f} s")
-    print(f"with probes:    {probed:7.1f} s   (probe time recorded in the probes: {probe_seconds:.1f} s, "
-          f"{probe_seconds / max(1, len(probes)):.2f} s each incl. the first compile)")
-    print(f"overhead: {probed / base - 1:+.1%} wall clock")
+        dataset = Path(tmp) / "dataset"
+        record_dataset(dataset, args.dataset_steps)
+        runs = {mode: launch(mode, dataset, args.updates, Path(tmp) / mode) for mode in MODES}
+        cold = cold_start_hvps(Path(tmp) / "process")
+    rates = {mode: updates_per_second(records) for mode, records in runs.items()}
+    print(f"MinAtar Breakout DQN offline, batch 512, {args.updates} updates, top-5 every 100 updates on a "
+          f"fixed batch of 512, probe.tolerance 1e-3 ({args.dataset_steps}-step dataset)")
+    for mode, records in runs.items():
+        line = f"  {mode:8s} {rates[mode]:6.1f} updates/s  ({rates[mode] / rates['off']:.2f} x off)"
+        probes = [r for r in records if r["kind"] == "probe"]
+        if probes:
+            skipped = [r for r in records if r["kind"] == "event" and r.get("event") == "probe_skipped"]
+            warm = [p for p in probes if p.get("warm_start")]
+            line += (f"; {len(probes)} probes, {len(skipped)} skipped; HVPs cold {probes[0]['hvps']}, warm mean "
+                     f"{sum(p['hvps'] for p in warm) / max(1, len(warm)):.1f}; seconds per warm probe "
+                     f"{sum(p['seconds'] for p in warm) / max(1, len(warm)):.2f}; "
+                     f"unconverged pairs {sum(not c for p in probes for c in p['converged'])}")
+        print(line)
+    print(f"  on the last snapshot: cold lobpcg {cold['lobpcg_cold']['hvps']} HVPs, "
+          f"{cold['lobpcg_cold']['seconds']:.2f} s; 30 Lanczos steps {cold['lanczos_30']['hvps']} HVPs, "
+          f"{cold['lanczos_30']['seconds']:.2f} s; top-5 agree to {cold['agreement']:.1e} of λ₁")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """What the processes of a distributed run read from the Reverb server besides
 training batches: a connection once the server answers, the env-step count
-(the table's insert count), and the learner's parameters (the `params` table).
+(the table's insert count), the learner's parameters (the `params` table) and
+its probe snapshots (the `probe_snapshots` queue, read by the prober).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generator, Optional
+from typing import Any, Callable, Generator, Optional, Tuple
 
 import jax
 import numpy as np
 import reverb
 
 from eosrl.agents import replay
+from eosrl.agents.probes import ProbeSnapshot
 
 
 def connect(address: str, timeout_s: float = 60.0) -> reverb.Client:
@@ -60,12 +62,79 @@ class ParamsChannel:
 
     def fetch(self):
         """(params, net_state, learner step, env steps); waits until the learner has published once."""
-        while self._client.server_info()[replay.PARAMS_TABLE].current_size == 0:
-            time.sleep(0.2)  # polling keeps SIGTERM deliverable, unlike a blocking sample
+        _wait_for_items(self._client, replay.PARAMS_TABLE)
         sample = next(self._client.sample(replay.PARAMS_TABLE, num_samples=1, emit_timesteps=False))
         flat = [x[0] for x in sample.data]  # an inserted item is one step: drop that axis
         params, net_state = jax.tree_util.tree_unflatten(self._treedef, flat[:-2])
         return params, net_state, int(flat[-2]), int(flat[-1])
+
+
+def _wait_for_items(client: reverb.Client, table: str) -> None:
+    """Returns once `table` holds an item: polling keeps SIGTERM deliverable, unlike a blocking sample."""
+    while client.server_info(timeout=3)[table].current_size == 0:
+        time.sleep(0.1)
+
+
+class SnapshotQueue:
+    """Probe snapshots from the learner to the prober, oldest first, through the
+    `probe_snapshots` table (`probe.mode: process`). An item holds the leaves
+    of the four parameter trees, the step scaling (empty when there is none), then
+    step, lr and env steps; step −1 marks the learner's end."""
+
+    def __init__(self, client: reverb.Client, template: Any, max_queued: int):
+        """`template`: (params, net_state) of the network, as `network.init` returns them."""
+        self._client = client
+        params, net_state = template
+        self._treedef = jax.tree_util.tree_structure((params, params, net_state, net_state))
+        self.max_queued = max_queued
+
+    def _insert(self, trees: Any, scaling: Any, step: int, lr: float, env_steps: int) -> None:
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(trees)]
+        scaling = np.zeros((0,), np.float32) if scaling is None else np.asarray(scaling)
+        counts = [np.asarray(step, np.int64), np.asarray(lr, np.float64), np.asarray(env_steps, np.int64)]
+        self._client.insert(leaves + [scaling] + counts, priorities={replay.PROBE_TABLE: 1.0})
+
+    def offer(self, snap: ProbeSnapshot) -> bool:
+        """Queues `snap` unless `max_queued` snapshots already wait (then False: the
+        learner never waits for the prober)."""
+        if self.waiting() >= self.max_queued:
+            return False
+        self._insert((snap.params, snap.target_params, snap.net_state, snap.target_net_state),
+                     snap.step_scaling, snap.step, snap.lr, snap.env_steps)
+        return True
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Queues the end marker once there is room (the prober is working through the
+        queue); False if there was none within `timeout_s`."""
+        deadline = time.time() + timeout_s
+        while self.waiting() >= self.max_queued:
+            if time.time() > deadline:
+                return False
+            time.sleep(0.5)
+        self._insert((), None, -1, 0.0, 0)
+        return True
+
+    def oldest(self) -> Tuple[int, Optional[ProbeSnapshot]]:
+        """(key, snapshot) of the oldest waiting snapshot (waits for one), which stays
+        queued until `done(key)`; the snapshot is None for the learner's end marker."""
+        _wait_for_items(self._client, replay.PROBE_TABLE)
+        sample = next(self._client.sample(replay.PROBE_TABLE, num_samples=1, emit_timesteps=False))
+        key = int(sample.info.key)
+        flat = [x[0] for x in sample.data]  # an inserted item is one step: drop that axis
+        step = int(flat[-3])
+        if step < 0:
+            return key, None
+        params, target_params, net_state, target_net_state = jax.tree_util.tree_unflatten(self._treedef, flat[:-4])
+        return key, ProbeSnapshot(params, target_params, net_state, target_net_state,
+                                  step_scaling=flat[-4] if flat[-4].size else None, step=step,
+                                  lr=float(flat[-2]), env_steps=int(flat[-1]))
+
+    def done(self, key: int) -> None:
+        """Removes a snapshot once its record is written."""
+        self._client.mutate_priorities(replay.PROBE_TABLE, deletes=[key])
+
+    def waiting(self) -> int:
+        return int(self._client.server_info(timeout=3)[replay.PROBE_TABLE].current_size)
 
 
 def rate_limited_batches(address: str, batch_size: int, inserts: Callable[[], int], max_idle_s: float,

@@ -181,6 +181,18 @@ def cmd_evaluator(args) -> int:
     return run_evaluator(config, address, run_dir)
 
 
+def cmd_prober(args) -> int:
+    address = _address(args.replay)
+    if not args.run_dir:
+        raise UsageError("prober: --run-dir is required (probe records and the probe batch go there)")
+    config, run_dir = _role_setup(args)
+    if not (config.probe.enabled and config.probe.mode == "process"):
+        raise UsageError("prober: the config must set probe.enabled=true and probe.mode=process "
+                         "(the learner queues snapshots only then)")
+    from eosrl.launch.prober import run_prober
+    return run_prober(config, address, run_dir)
+
+
 def _resolve_checkpoint(target: str):
     """(config path, checkpoint path, run dir or None) from a run dir or a checkpoint file."""
     from eosrl.agents import checkpoint
@@ -359,7 +371,8 @@ def _add_role_commands(sub) -> None:
     p.add_argument("--run-dir", help="where table checkpoints go (RUN_DIR/replay)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_replay_server)
-    for name, func in (("actor", cmd_actor), ("learner", cmd_learner), ("evaluator", cmd_evaluator)):
+    for name, func in (("actor", cmd_actor), ("learner", cmd_learner), ("evaluator", cmd_evaluator),
+                       ("prober", cmd_prober)):
         p = sub.add_parser(name, help=role_help.format(name), description=role_help.format(name) + ".")
         p.add_argument("config")
         p.add_argument("--replay", required=True, metavar="HOST:PORT", help="the replay server's address")

@@ -39,7 +39,9 @@ class LearnerLoop:
     seen. Optional hooks: `snapshot()` takes the replay snapshot paired with each
     checkpoint; `publish(params, net_state, step, env_steps)` hands acting parameters
     to actors; `evaluate(step)` runs an evaluation; `record_values()` adds the caller's
-    values to each `train` record and `checkpoint_meta()` to each checkpoint's meta.
+    values to each `train` record and `checkpoint_meta()` to each checkpoint's meta;
+    `probe_queue` (a `SnapshotQueue`) takes the probe snapshots to a prober process
+    instead of probing here, between updates.
     """
 
     def __init__(self, builder: Builder, run_dir: RunDir, metrics: MetricsWriter,
@@ -49,14 +51,16 @@ class LearnerLoop:
                  publish: Optional[Callable[..., None]] = None,
                  evaluate: Optional[Callable[[int], Any]] = None,
                  record_values: Callable[[], Dict[str, Any]] = dict,
-                 checkpoint_meta: Callable[[], Dict[str, Any]] = dict):
+                 checkpoint_meta: Callable[[], Dict[str, Any]] = dict,
+                 probe_queue: Any = None):
         self.config = builder.config
         self._builder = builder
         self.learner = builder.make_learner()
         self.prober = None
         if self.config.probe.enabled:
             from eosrl.agents.probes import Prober  # compiles HVPs: only load when asked for
-            self.prober = Prober(self.config.probe, self.learner)
+            self.prober = Prober(self.config.probe, self.learner, seed=self.config.run.seed)
+        self._probe_queue = probe_queue if self.prober is not None else None
         self.run_dir, self.metrics = run_dir, metrics
         self._batches, self._sample_items, self._env_steps = batches, sample_items, env_steps
         self._snapshot, self._publish, self._evaluate = snapshot, publish, evaluate
@@ -73,7 +77,8 @@ class LearnerLoop:
         self._tick = (time.time(), self.learner.step)
 
     def _fixed_probe_batch(self) -> bool:
-        return self.prober is not None and self.config.probe.batch == "fixed"
+        """Whether this loop keeps a fixed probe batch (a prober process keeps its own)."""
+        return self.prober is not None and self._probe_queue is None and self.config.probe.batch == "fixed"
 
     def restore(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
         """Loads the newest intact checkpoint of the run (with its probe batch);
@@ -125,12 +130,25 @@ class LearnerLoop:
         if self.prober is not None and self.prober.should_probe(step):
             if not self._loss_was_finite():  # a probe waits for the update anyway
                 return False
-            if self.config.probe.batch == "fresh":
-                self.probe_batch = self._sample_items(self.config.probe.batch_size)
-            record = self.prober.probe(self.learner.preprocess(self.probe_batch))
-            self.metrics.write("probe", step, env_steps=self._env_steps(),
-                               **{k: v for k, v in record.items() if k not in ("kind", "step")})
+            self._probe(step)
         return True
+
+    def _probe(self, step: int) -> None:
+        """Probes now, or queues the snapshot for the prober (skipped, with an event, when
+        `probe.max_queued` snapshots already wait)."""
+        assert self.prober is not None
+        env_steps = self._env_steps()
+        snapshot = self.prober.snapshot(self.learner.state, self.learner.current_lr(), env_steps)
+        if self._probe_queue is not None:
+            if not self._probe_queue.offer(snapshot):
+                self.metrics.write("event", step, env_steps=env_steps, event="probe_skipped",
+                                   reason=f"{self._probe_queue.max_queued} snapshots wait for the prober")
+            return
+        if self.config.probe.batch == "fresh":
+            self.probe_batch = self._sample_items(self.config.probe.batch_size)
+        record = self.prober.probe(snapshot, self.learner.preprocess(self.probe_batch))
+        self.metrics.write("probe", step, env_steps=env_steps,
+                           **{k: v for k, v in record.items() if k not in ("kind", "step")})
 
     def _loss_was_finite(self) -> bool:
         """Checks the pending loss; on the first non-finite one writes the event."""

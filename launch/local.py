@@ -1,12 +1,13 @@
 """`eosrl launch` with the local launcher: every role as its own OS process.
 
-The launcher starts the replay server, the learner, N actors and the
-evaluator (each an `eosrl ROLE ...` child of launch/supervisor.py, logs in
-RUN_DIR/logs/), shows one progress display, restarts actors that die
-(bounded), stops the run with a clear message when the learner or the replay
-server dies, and on Ctrl-C or SIGTERM stops the learner first (it writes its
-final checkpoint while actors still feed it), then everything else, leaving
-no process behind.
+The launcher starts the replay server, the learner, N actors, the evaluator
+and, with `probe.mode: process`, the prober (each an `eosrl ROLE ...` child of
+launch/supervisor.py, logs in RUN_DIR/logs/), shows one progress display,
+restarts actors and the prober when they die (bounded), stops the run with a
+clear message when the learner or the replay server dies, and on Ctrl-C or
+SIGTERM stops the learner first (it writes its final checkpoint while actors
+still feed it), then everything else, leaving no process behind. When the
+learner completes, the prober first works through the snapshots still queued.
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from typing import Any, Dict, List, Optional, Tuple
 from eosrl.agents.builder import Builder, actor_shares
 from eosrl.agents.config import Config
 from eosrl.launch.resume import env_step_offset
+from eosrl.launch.roles import EXIT_DIVERGED, probes_in_process
 from eosrl.launch.rundir import MetricsWriter, RunDir
 from eosrl.launch.summary import divergence_message, finish_run, last_checkpoint_note
 from eosrl.launch.supervisor import Child, stop, write_pids
 
 STOP_GRACE_S = 8.0
+PROBER_DRAIN_S = 600.0  # for the snapshots queued when the learner ends (probe.max_queued of them)
 
 
 class _MetricsTail:
@@ -66,14 +69,23 @@ class _LocalRun:
                                    self.logs / "replay.log")
         self.learner = Child("learner", ["learner", config_path, *replay, *where], self.logs / "learner.log")
         self.evaluator = Child("evaluator", ["evaluator", config_path, *replay, *where], self.logs / "evaluator.log")
+        self._prober_args = ["prober", config_path, *replay, *where]
+        self.prober = self._new_prober() if probes_in_process(config) else None
         self.actors: List[Child] = []
         self.shares: List[Tuple[int, int]] = []
         self.actor_steps: Dict[int, int] = {}
         self.done_steps = 0
+        self.updates = 0  # the learner's, as its last train record said
 
     @property
     def children(self) -> List[Child]:
-        return [self.replay_server, self.learner, self.evaluator, *self.actors]
+        return [self.replay_server, self.learner, self.evaluator, *self.actors, *self._prober_list()]
+
+    def _prober_list(self) -> List[Child]:
+        return [self.prober] if self.prober is not None else []
+
+    def _new_prober(self) -> Child:
+        return Child("prober", self._prober_args, self.logs / "prober.log")
 
     def actor(self, i: int) -> Child:
         return Child(f"actor_{i}", ["actor", str(self.run_dir.config), "--replay", self.address, "--id", str(i),
@@ -94,7 +106,7 @@ class _LocalRun:
         self.actors = [self.actor(i) for i in range(len(self.shares))]
         events.write("event", 0, event="launch", launcher="local", address=self.address,
                      num_actors=self.num_actors, env_steps=self.done_steps)
-        for child in [self.learner, *self.actors, self.evaluator]:
+        for child in [self.learner, *self.actors, self.evaluator, *self._prober_list()]:
             child.start()
         write_pids(self.logs / "pids.json", self.children)
 
@@ -103,8 +115,9 @@ class _LocalRun:
         return inserted_steps(self.client, self.preloaded) + self.offset
 
     def check(self, events: MetricsWriter, updates: int) -> Optional[Tuple[str, str]]:
-        """(status, message) once the run must end; restarts dead actors (bounded)."""
-        from eosrl.launch.roles import EXIT_DIVERGED
+        """(status, message) once the run must end; restarts dead actors and a dead
+        prober (bounded)."""
+        self.updates = updates
         code = self.learner.poll()
         if code is not None:
             if code == EXIT_DIVERGED:
@@ -113,23 +126,48 @@ class _LocalRun:
                 return "learner_died", self._death("learner", code)
             return "completed", ""
         for i, child in enumerate(self.actors):
-            code = child.poll()
-            if code is None or code == 0:
-                continue
-            if child.restarts < self.config.distributed.max_actor_restarts:
-                events.write("event", updates, event="actor_restarted", actor=i, exit_code=code,
-                             restart=child.restarts + 1, env_steps=self.actor_steps[i])
-                self.actors[i] = self.actor(i)
-                self.actors[i].restarts = child.restarts + 1
-                self.actors[i].start()
-                write_pids(self.logs / "pids.json", self.children)
-            elif child.restarts >= 0:
-                events.write("event", updates, event="actor_given_up", actor=i, exit_code=code)
-                child.restarts = -1  # reported once
+            restarted = self._restart(child, events, updates, "actor", lambda: self.actor(i),
+                                      actor=i, env_steps=self.actor_steps[i])
+            if restarted is not None:
+                self.actors[i] = restarted
+        if self.prober is not None:
+            self.prober = self._restart(self.prober, events, updates, "prober", self._new_prober) or self.prober
         code = self.replay_server.poll()
         if code is not None:
             return "replay_died", self._death("replay server", code)
         return None
+
+    def _restart(self, child: Child, events: MetricsWriter, updates: int, role: str, make, **values) -> Optional[Child]:
+        """A new child in place of one that died (None if it lives, finished, or has used up
+        distributed.max_actor_restarts)."""
+        code = child.poll()
+        if code is None or code == 0:
+            return None
+        if child.restarts < self.config.distributed.max_actor_restarts:
+            events.write("event", updates, event=f"{role}_restarted", exit_code=code, restart=child.restarts + 1,
+                         **values)
+            new = make()
+            new.restarts = child.restarts + 1
+            new.start()
+            write_pids(self.logs / "pids.json", [*self.children, new])
+            return new
+        if child.restarts >= 0:
+            events.write("event", updates, event=f"{role}_given_up", exit_code=code, **values)
+            child.restarts = -1  # reported once
+        return None
+
+    def wait_for_prober(self, events: MetricsWriter) -> None:
+        """After the learner's end marker the prober works through the queue, then exits
+        (restarted, bounded, if it dies meanwhile)."""
+        if self.prober is None or self.prober.poll() == 0:
+            return
+        print("waiting for the prober to probe the snapshots still queued", flush=True)
+        deadline = time.time() + PROBER_DRAIN_S
+        while time.time() < deadline:
+            self.prober = self._restart(self.prober, events, self.updates, "prober", self._new_prober) or self.prober
+            if self.prober.poll() is not None and (self.prober.poll() == 0 or self.prober.restarts < 0):
+                return
+            time.sleep(0.5)
 
     def _death(self, role: str, code: int) -> str:
         log = self.logs / ("learner.log" if role == "learner" else "replay.log")
@@ -138,7 +176,7 @@ class _LocalRun:
     def stop(self) -> None:
         # Learner first (its final checkpoint needs batches, which need live actors).
         stop([self.learner], STOP_GRACE_S)
-        stop([self.evaluator, *self.actors], 2.0)
+        stop([self.evaluator, *self.actors, *self._prober_list()], 2.0)
         stop([self.replay_server], 4.0)
 
 
@@ -159,6 +197,8 @@ def launch_local(config: Config, run_path: Path, num_actors: int, resume: bool =
     try:
         run.start(events)
         status, message = _watch(run, events, tail, progress)
+        if status in ("completed", "diverged"):
+            run.wait_for_prober(events)
     except KeyboardInterrupt:
         status = "interrupted"
     finally:

@@ -157,9 +157,17 @@ def plot_eigenvalues(runs: Dict[str, List[Record]], path: Path) -> Optional[Path
                 values = r["eigenvalues"]
                 return values[i] if i < len(values) else None
             x, y = series(probes, "probe", "step", eigenvalue)
-            ax.plot(x, y, label=f"λ{i + 1}")
-        preconditioned = any(r.get("preconditioned") for r in probes)
-        ax.set_title(f"{name} (eigenvalues of P⁻¹H)" if preconditioned else name)
+            line, = ax.plot(x, y, label=f"λ{i + 1}")
+            # A pair whose residual exceeded probe.tolerance is drawn, but marked.
+            loose = [(r["step"], r["eigenvalues"][i]) for r in probes
+                     if i < len(r.get("converged", [])) and not r["converged"][i]]
+            if loose:
+                ax.scatter(*zip(*loose), marker="x", color=line.get_color(), zorder=3,
+                           label=f"λ{i + 1}: residual above probe.tolerance")
+        operator = next((r.get("operator") for r in reversed(probes) if r.get("operator")), None)
+        if operator is None and any(r.get("preconditioned") for r in probes):
+            operator = "P⁻¹ H"  # records written before the operator was named
+        ax.set_title(f"{name} (eigenvalues of {operator})" if operator and operator != "H" else name)
         ax.set_xlabel("learner updates")
         ax.legend(fontsize="small")
     axes[0][0].set_ylabel("Hessian eigenvalue")

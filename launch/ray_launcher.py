@@ -2,7 +2,7 @@
 cluster (`ray.init(address=...)`) or on a local Ray instance.
 
 Each Ray actor calls the role function `eosrl launch` would run as a process
-(launch/roles.py), so both launchers run identical code. The replay server is
+(launch/roles.py, launch/prober.py), so both launchers run identical code. The replay server is
 placed first and its node's IP is given to the other roles as the address;
 the learner may ask for GPUs. Ray is an optional extra: `pip install -e .[ray]`.
 """
@@ -28,13 +28,13 @@ def _role_actor(ray):
 
         def run(self, role: str, config_dict: dict, **kwargs) -> int:
             from eosrl.agents.config import from_dict
-            from eosrl.launch import roles
+            from eosrl.launch import prober, roles
             config = from_dict(config_dict)
             if role == "replay":
                 roles.run_replay_server(config, kwargs["port"], kwargs.get("run_dir"))
                 return 0
             runs: Dict[str, Callable[..., int]] = {"actor": roles.run_actor, "learner": roles.run_learner,
-                                                   "evaluator": roles.run_evaluator}
+                                                   "evaluator": roles.run_evaluator, "prober": prober.run_prober}
             run = runs[role]
             return run(config, **kwargs)
 
@@ -51,10 +51,10 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
     from eosrl.agents.config import to_dict
     from eosrl.launch.channels import connect, inserted_steps
     from eosrl.launch.resume import env_step_offset
-    from eosrl.launch.roles import EXIT_DIVERGED
+    from eosrl.launch.roles import EXIT_DIVERGED, probes_in_process
     start_time = time.time()
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
-             log_to_driver=False, num_cpus=None if address else max(4, num_actors + 3))
+             log_to_driver=False, num_cpus=None if address else num_actors + 4)
     Role = _role_actor(ray)
     config_dict = to_dict(config)
     run_dir = str(run_path)
@@ -82,6 +82,10 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
                          steps=end, run_dir=Path(run_dir), start_step=start)
     evaluator = Role.options(num_cpus=1).remote()
     evaluator.run.remote("evaluator", config_dict, address=replay_address, run_dir=Path(run_dir))
+    probers, prober_refs = [], []
+    if probes_in_process(config):
+        probers = [Role.options(num_cpus=1).remote()]
+        prober_refs = [probers[0].run.remote("prober", config_dict, address=replay_address, run_dir=Path(run_dir))]
 
     status, message = "completed", ""
     try:
@@ -90,6 +94,8 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
             status = "diverged"  # the summary names the update from the divergence event
         elif code != 0:
             status, message = "learner_failed", f"the learner returned {code}"
+        # The prober works through the snapshots still queued, then exits.
+        ray.wait(prober_refs, num_returns=len(prober_refs), timeout=600)
     except KeyboardInterrupt:
         status = "interrupted"
     except ray.exceptions.RayError as e:
@@ -97,7 +103,7 @@ def launch_ray(config: Config, run_path: Path, num_actors: int, resume: bool = F
     finally:
         # The learner paired its last checkpoint with a replay snapshot (launch/resume.py);
         # ray.kill ends the other roles without their clean-up, which they do not need.
-        for handle in [evaluator, *actors, replay_server, learner]:
+        for handle in [evaluator, *actors, *probers, replay_server, learner]:
             ray.kill(handle, no_restart=True)
         ray.shutdown()
     del replay_ref

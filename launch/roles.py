@@ -7,6 +7,8 @@
   learner        the learner loop of `eosrl train` (launch/learning.py) on batches
                  from the rate-limited table; publishes params, writes checkpoints
   evaluator      reads `params`, runs evaluation episodes on a schedule
+  prober         measures the probe snapshots the learner queues (`probe.mode:
+                 process`, launch/prober.py) while the learner keeps learning
 
 Every part comes from the same `Builder` (agents/builder.py) that `eosrl train`
 uses; only the data path (Reverb over gRPC) and the parameter path (the
@@ -25,8 +27,8 @@ from eosrl.agents import replay
 from eosrl.agents.builder import Builder, actor_seed, actor_shares
 from eosrl.agents.config import Config
 from eosrl.launch import resume
-from eosrl.launch.channels import (ParamsChannel, connect, inserted_steps, rate_limited_batches,
-                                   while_server_answers)
+from eosrl.launch.channels import (ParamsChannel, SnapshotQueue, connect, inserted_steps,
+                                   rate_limited_batches, while_server_answers)
 from eosrl.launch.learning import LearnerLoop, all_finite
 from eosrl.launch.lifeline import Stop, stop_on_signals
 from eosrl.launch.rundir import MetricsWriter, RunDir
@@ -45,8 +47,10 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
     if run_dir and resume.snapshots_replay(config):
         resume.prepare_replay(run_dir)
         checkpoint_dir = str(RunDir(run_dir).replay.resolve())
-    server = replay.start_server([builder.make_replay_table(rate_limited=True), replay.params_table()],
-                                 port=port, checkpoint_dir=checkpoint_dir)
+    tables = [builder.make_replay_table(rate_limited=True), replay.params_table()]
+    if probes_in_process(config):
+        tables.append(replay.probe_table(config.probe.max_queued))
+    server = replay.start_server(tables, port=port, checkpoint_dir=checkpoint_dir)
     client = reverb.Client(f"localhost:{server.port}")
     print(f"replay server listening on port {server.port} of every network interface "
           f"(no authentication: see README, Security)", flush=True)
@@ -77,6 +81,11 @@ def replay_snapshot(client: reverb.Client) -> Optional[str]:
     """A table checkpoint written by the server (on its own node); None when the server
     cannot be reached, so the learner's checkpoint is still written, unpaired."""
     return while_server_answers(client.checkpoint)
+
+
+def probes_in_process(config: Config) -> bool:
+    """Whether a prober process measures this run's probes."""
+    return config.probe.enabled and config.probe.mode == "process"
 
 
 def run_actor(config: Config, address: str, actor_id: int, num_actors: int,
@@ -164,12 +173,14 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
     def env_steps() -> int:
         return inserted_steps(client, preloaded) + offset
 
-    channel = ParamsChannel(client, builder.network.init(jax.random.PRNGKey(0)))
+    template = builder.network.init(jax.random.PRNGKey(0))
+    channel = ParamsChannel(client, template)
+    probe_queue = SnapshotQueue(client, template, config.probe.max_queued) if probes_in_process(config) else None
     batches = rate_limited_batches(address, config.replay.batch_size, lambda: inserted_steps(client), max_idle_s)
     loop = LearnerLoop(builder, rdir, metrics, batches, env_steps=env_steps,
                        sample_items=lambda n: replay.sample_items(client, n, builder.signature()),
                        snapshot=(lambda: replay_snapshot(client)) if resume.snapshots_replay(config) else None,
-                       publish=channel.publish)
+                       publish=channel.publish, probe_queue=probe_queue)
     learner, schedule = loop.learner, builder.schedule()
     target = schedule.update_budget()
     restored = loop.restore()
@@ -188,19 +199,23 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
         except Stop:
             status = "interrupted"
         finally:
-            status = _finish_learner(loop, status, env_steps, channel)
+            status = _finish_learner(loop, status, env_steps, channel, probe_queue)
             metrics.close()
             batches.close()
     return EXIT_DIVERGED if status == "diverged" else 0
 
 
-def _finish_learner(loop: LearnerLoop, status: str, env_steps, channel: ParamsChannel) -> str:
+def _finish_learner(loop: LearnerLoop, status: str, env_steps, channel: ParamsChannel,
+                    probe_queue: Optional[SnapshotQueue]) -> str:
     """The checkpoint first: it needs the replay server only for its snapshot, which may
-    be gone when this runs because the launcher was killed."""
+    be gone when this runs because the launcher was killed. Then the prober is told
+    that no snapshot will follow those queued."""
     final_env_steps = while_server_answers(env_steps)
     status = loop.finish(status, loop.last_env_steps if final_env_steps is None else final_env_steps)
     step = loop.learner.step
     print(f"learner finished at update {step}: {status}", flush=True)
     if status != "diverged":  # never hand non-finite parameters to actors or the evaluator
         while_server_answers(lambda: channel.publish(*loop.learner.acting_params(), step, loop.last_env_steps))
+    if probe_queue is not None and not while_server_answers(probe_queue.close):
+        print("the prober did not make room for the end marker: it will be stopped", flush=True)
     return status

@@ -9,6 +9,7 @@ loop runs `run.total_updates`. Everything is built by agents/builder.py.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -67,6 +68,9 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
           progress: bool = True) -> Dict[str, Any]:
     """Runs (or resumes) a single-process run in any regime; returns the summary."""
     start_time = time.time()
+    if config.probe.enabled and config.probe.mode == "process":
+        print("eosrl train probes inline, between updates (probe.mode: process is for eosrl launch)",
+              file=sys.stderr)
     run_dir = RunDir(run_path).create()
     if not resume:
         save_config(config, run_dir.config)

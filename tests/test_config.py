@@ -63,3 +63,17 @@ def test_unknown_key_in_file_names_it(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("probe.method=power", "probe.method"),  # removed: it returned the largest |λ|, not the largest λ
+    ("probe.mode=thread", "probe.mode"),
+    ("probe.tolerance=0", "probe.tolerance"),
+    ("probe.trace_every=150", "probe.trace_every"),  # not a multiple of probe.every (100)
+    ("probe.max_queued=0", "probe.max_queued"),
+])
+def test_bad_probe_settings_name_the_field(override, key):
+    from eosrl.agents.config import ConfigError
+    with pytest.raises(ConfigError, match=key) as err:
+        load_config(CONFIGS / "dqn_cartpole.yaml", [override])
+    assert "\n" not in str(err.value)

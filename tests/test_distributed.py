@@ -148,11 +148,15 @@ def test_ray_launcher_runs_a_short_job(tmp_path):
         eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--launcher", "ray", "--actors", "1",
                "--run-dir", str(run_dir), "--no-progress", "--set", "run.total_env_steps=1500",
                "--set", "replay.min_size=500", "--set", "run.eval_every=500", "--set", "run.eval_episodes=2",
-               "--set", "run.log_every=250"),
+               "--set", "run.log_every=250", "--set", "probe.enabled=true", "--set", "probe.mode=process",
+               "--set", "probe.every=250", "--set", "probe.batch_size=128", "--set", "probe.num_eigs=3",
+               "--set", "probe.max_queued=8"),
         cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
     train = list(read_metrics(run_dir / "metrics.jsonl", "train"))
     assert train and train[-1]["step"] == 1000
+    # The prober ran as a Ray actor and probed every snapshot before the run ended.
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", "probe")] == [250, 500, 750, 1000]
     assert list(read_metrics(run_dir / "metrics.jsonl", "actor"))
     assert has_checkpoint(run_dir)
     assert any((run_dir / "replay").iterdir())  # the final table checkpoint, asked for at shutdown

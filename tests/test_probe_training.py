@@ -14,8 +14,8 @@ from eosrl.launch.train import train
 # Learning, launches and studies take seconds to minutes each: `make test-fast` leaves them out.
 pytestmark = pytest.mark.slow
 
-PROBE_KEYS = {"eigenvalues", "residuals", "sharpness", "threshold", "sharpness_over_threshold",
-              "grad_norm", "trace", "geometric_complexity", "seconds", "env_steps"}
+PROBE_KEYS = {"eigenvalues", "residuals", "converged", "sharpness", "threshold", "sharpness_over_threshold",
+              "grad_norm", "hvps", "seconds", "env_steps"}
 
 
 def test_probes_during_training_and_fixed_batch_survives_resume(tmp_path):
@@ -23,7 +23,8 @@ def test_probes_during_training_and_fixed_batch_survives_resume(tmp_path):
     sets = ["probe.enabled=true", "probe.every=100", "probe.batch_size=128", "probe.iterations=10",
             "run.total_env_steps=1500", "replay.min_size=500", "run.eval_every=0",
             "run.eval_episodes=1", "agent.optimizer.name=sgd", "agent.optimizer.lr=0.01",
-            "agent.optimizer.momentum=0.9", "run.log_every=250"]
+            "agent.optimizer.momentum=0.9", "run.log_every=250", "probe.trace_every=100",
+            "probe.geometric_complexity_every=200"]
     config = load_config(CONFIGS / "dqn_cartpole.yaml", sets)
     summary = train(config, run_dir, progress=False)
     probes = list(read_metrics(run_dir / "metrics.jsonl", "probe"))
@@ -34,6 +35,8 @@ def test_probes_during_training_and_fixed_batch_survives_resume(tmp_path):
         assert len(p["eigenvalues"]) == 5 and p["eigenvalues"] == sorted(p["eigenvalues"], reverse=True)
         assert abs(p["threshold"] - (2 + 2 * 0.9) / 0.01) < 1e-6   # heavy ball (2+2β)/η
         assert p["sharpness"] == p["eigenvalues"][0]
+        assert "trace" in p and ("geometric_complexity" in p) == (p["step"] % 200 == 0)  # the extras' own `every`
+    assert [p["warm_start"] for p in probes] == [False] + [True] * (len(probes) - 1)
 
     parts = Builder(config)
     path = checkpoint.latest(run_dir / "checkpoints")

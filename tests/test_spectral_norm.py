@@ -398,10 +398,11 @@ def test_bad_layer_raises_config_error_listing_layers(spec):
 
 
 @pytest.mark.parametrize("conv", ["reshape", "operator"])
-def test_initial_sigma_is_a_lower_bound_before_any_update(conv):
+def test_initial_sigma_is_converged_before_any_update(conv):
     # Before the first learner update actors already use σ (divide/clip). The
-    # estimate from the initial vector must be a true lower bound, which needs a
-    # unit vector: a raw normal draw overestimated σ by ~‖u‖ ≈ √n.
+    # estimate must be a true lower bound, which needs a unit vector (a raw normal
+    # draw overestimated σ by ~‖u‖ ≈ √n), and converged: one step from a random
+    # vector gave 1.035 for a conv layer whose σ is 1.817.
     net = network("minatar", layers="all", conv=conv, mode="divide")
     params, state = net.init(jax.random.PRNGKey(0))
     for layer in net.layer_names:
@@ -414,4 +415,4 @@ def test_initial_sigma_is_a_lower_bound_before_any_update(conv):
             exact = top_sv(w.reshape(-1, w.shape[-1]))
         else:
             exact = top_sv(conv_matrix(w, 1, (10, 10, 4)))
-        assert 0 < float(state[layer]["sigma"]) <= exact * (1 + 1e-5), layer
+        assert exact * (1 - 1e-3) <= float(state[layer]["sigma"]) <= exact * (1 + 1e-5), layer

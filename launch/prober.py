@@ -1,0 +1,108 @@
+"""The prober role (`probe.mode: process`): measures the Hessian of the learner's TD
+loss on the snapshots the learner queues, while the learner keeps learning.
+
+Every `probe.every` updates the learner queues a snapshot of exactly what a probe
+needs at that update (parameters, target parameters, SN vectors, the scaling of
+its next step: agents/probes.ProbeSnapshot) in the `probe_snapshots` queue of the
+replay server. This process takes them oldest first and writes each `probe`
+record at the learner step the snapshot belongs to, so it never probes a state
+the learner did not have.
+
+Falling behind. The queue holds `probe.max_queued` snapshots. The learner never
+waits for the prober: when the queue is full it skips that update's snapshot and
+writes a `probe_skipped` event, so every missing probe is accounted for in
+metrics.jsonl. A snapshot leaves the queue only once its record is written, so
+the one a prober was measuring when it died is measured by the prober that
+restarts (a prober killed between writing a record and deleting the snapshot
+would leave a second record of that step: a window of microseconds). When the
+learner ends it queues an end marker; the prober works through what was queued
+before it, then exits. Stopped before that (Ctrl-C), it writes how many
+snapshots it left unprobed.
+
+The fixed probe batch is drawn from replay when the first snapshot arrives and
+kept in RUN_DIR/probe_batch.npz (no pickle), so a restarted prober and a resumed
+run probe the same batch; each record names the batch by a digest.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import jax
+import numpy as np
+
+from eosrl.agents import replay
+from eosrl.agents.builder import Builder
+from eosrl.agents.config import Config
+from eosrl.agents.probes import Prober
+from eosrl.launch.channels import SnapshotQueue, connect, while_server_answers
+from eosrl.launch.lifeline import Stop, stop_on_signals
+from eosrl.launch.rundir import MetricsWriter, RunDir
+
+PROBE_BATCH_FILE = "probe_batch.npz"
+
+
+def batch_digest(batch: Dict[str, np.ndarray]) -> str:
+    """A short name of a batch's contents, the same for the same transitions."""
+    digest = hashlib.sha1()
+    for key in sorted(batch):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(batch[key]).tobytes())
+    return digest.hexdigest()[:12]
+
+
+def load_probe_batch(run_dir: Path) -> Optional[Dict[str, np.ndarray]]:
+    path = Path(run_dir) / PROBE_BATCH_FILE
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def save_probe_batch(run_dir: Path, batch: Dict[str, np.ndarray]) -> None:
+    """Written whole or not at all: a crash mid-write leaves the old file or none."""
+    path = Path(run_dir) / PROBE_BATCH_FILE
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, **batch)
+    os.replace(partial, path)
+
+
+def run_prober(config: Config, address: str, run_dir: Path) -> int:
+    """Probes queued snapshots until the learner's end marker (or SIGTERM)."""
+    builder = Builder(config)
+    client = connect(address)
+    learner = builder.make_learner()  # its loss and network; never updated here
+    queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
+    prober = Prober(config.probe, learner, seed=config.run.seed)
+    rdir = RunDir(run_dir).create()
+    metrics = MetricsWriter(rdir)
+    batch = load_probe_batch(rdir.path) if config.probe.batch == "fixed" else None
+    probes, last_step, status = 0, 0, "completed"
+    with stop_on_signals():
+        try:
+            while True:
+                key, snap = queue.oldest()
+                if snap is None:
+                    queue.done(key)
+                    break
+                if batch is None or config.probe.batch == "fresh":
+                    # When the first snapshot arrives learning has started, so replay holds data.
+                    batch = replay.sample_items(client, config.probe.batch_size, builder.signature())
+                    if config.probe.batch == "fixed":
+                        save_probe_batch(rdir.path, batch)
+                record = prober.probe(snap, learner.preprocess(batch))
+                metrics.write("probe", snap.step, env_steps=snap.env_steps, batch_digest=batch_digest(batch),
+                              **{k: v for k, v in record.items() if k not in ("kind", "step")})
+                queue.done(key)
+                probes, last_step = probes + 1, snap.step
+        except Stop:
+            status = "interrupted"
+        finally:
+            waiting = while_server_answers(queue.waiting)
+            metrics.write("event", last_step, event="prober_finished", status=status, probes=probes,
+                          unprobed_snapshots=waiting)
+            metrics.close()
+    print(f"prober finished after {probes} probes: {status}", flush=True)
+    return 0

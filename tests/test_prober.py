@@ -1,0 +1,140 @@
+"""The prober role (`probe.mode: process`): probes measured in their own process at
+the learner steps they belong to, equal to what the learner would measure inline,
+the queue policy (skipped snapshots are events, never silent), a killed prober
+restarted without losing the snapshot it was measuring, and the fixed probe batch
+kept across a restart and a resume."""
+import os
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, ROOT
+from processes import eosrl, events, kill_launch, pids, wait_for
+from eosrl.agents import checkpoint
+from eosrl.agents.builder import Builder
+from eosrl.agents.config import load_config
+from eosrl.agents.probes import Prober
+from eosrl.launch.learning import LearnerLoop
+from eosrl.launch.prober import batch_digest, load_probe_batch
+from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics
+
+PROBE = ["probe.enabled=true", "probe.mode=process", "probe.batch_size=128", "probe.num_eigs=3",
+         "probe.tolerance=1e-4"]
+
+
+class RefusingQueue:
+    """A prober queue that is always full."""
+    max_queued = 2
+
+    def offer(self, snapshot):
+        return False
+
+
+def test_a_full_queue_skips_the_snapshot_with_an_event(tmp_path):
+    config = load_config(CONFIGS / "dqn_cartpole.yaml", PROBE + ["probe.every=2", "replay.batch_size=8"])
+    builder = Builder(config)
+    rdir = RunDir(tmp_path).create()
+    metrics = MetricsWriter(rdir, tensorboard=False)
+    batches = iter(lambda: builder.batch_template(8), None)
+    loop = LearnerLoop(builder, rdir, metrics, batches, sample_items=builder.batch_template, env_steps=lambda: 7,
+                       probe_queue=RefusingQueue())
+    for _ in range(5):
+        assert loop.step() is None
+    metrics.close()
+    skipped = [r for r in read_metrics(rdir.metrics, "event") if r["event"] == "probe_skipped"]
+    assert [r["step"] for r in skipped] == [2, 4]
+    assert all(r["env_steps"] == 7 and "2 snapshots wait" in r["reason"] for r in skipped)
+    assert not list(read_metrics(rdir.metrics, "probe"))
+    assert loop.probe_batch is None  # the prober process keeps the batch, not the learner
+
+
+# ----------------------------------------------------------------------------
+# Launched offline runs: replay server + learner + prober + evaluator.
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from eosrl.launch.train import train
+    root = tmp_path_factory.mktemp("collect")
+    train(load_config(CONFIGS / "dqn_cartpole.yaml", [
+        "run.total_env_steps=1000", "replay.min_size=500", "run.eval_every=0", "run.eval_episodes=1",
+        "replay.checkpoint=false", f"replay.record_to={root / 'dataset'}"]), root, progress=False)
+    return root / "dataset"
+
+
+def _offline(dataset, run_dir, *sets):
+    args = ["launch", str(CONFIGS / "dqn_cartpole.yaml"), "--run-dir", str(run_dir), "--no-progress"]
+    for item in [*PROBE, "regime.mode=offline", f"regime.dataset={dataset}", "run.eval_every=0",
+                 "run.eval_episodes=1", "run.log_every=100", "replay.min_size=500", *sets]:
+        args += ["--set", item]
+    return eosrl(*args)
+
+
+def _probes(run_dir):
+    path = RunDir(run_dir).metrics
+    return list(read_metrics(path, "probe")) if path.exists() else []
+
+
+def _inline_probes_of_the_same_snapshots(run_dir, records):
+    """Each record's snapshot (the learner's checkpoint at its step) probed inline in this
+    process on the prober's batch, in the same order, so the warm starts chain the same
+    way (restarting where the prober restarted cold)."""
+    config = load_config(run_dir / "config.yaml")
+    builder = Builder(config)
+    learner = builder.make_learner()
+    prober = Prober(config.probe, learner, seed=config.run.seed)
+    batch = learner.preprocess(load_probe_batch(run_dir))
+    at_step = {checkpoint.read_meta(p)["learner_step"]: p for p in checkpoint.list_checkpoints(run_dir / "checkpoints")}
+    for record in records:
+        builder.restore(learner, at_step[record["step"]])
+        if not record["warm_start"]:
+            prober._vectors = None
+        yield prober.probe(prober.snapshot(learner.state, learner.current_lr(), 0), batch)
+
+
+@pytest.mark.slow
+def test_prober_process_in_an_offline_launch(dataset, tmp_path):
+    """Records at the learner's steps, equal to inline probes of the same snapshots; a
+    killed prober restarted; nothing dropped silently; the same batch after --resume."""
+    run_dir, every, total = tmp_path / "run", 500, 8000
+    launcher = subprocess.Popen(_offline(dataset, run_dir, f"run.total_updates={total}", f"probe.every={every}",
+                                         "probe.max_queued=4", f"run.checkpoint_every={every}",
+                                         "run.keep_checkpoints=100"),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _probes(run_dir), 180, "the first probe record")
+        os.kill(pids(run_dir)["prober"], signal.SIGKILL)
+        wait_for(lambda: events(run_dir, "prober_restarted"), 60, "the prober restart event")
+        out, err = launcher.communicate(timeout=400)
+    finally:
+        kill_launch(launcher, run_dir)
+    assert launcher.returncode == 0, err[-2000:]
+    records = _probes(run_dir)
+    restart = events(run_dir, "prober_restarted")[0]
+    assert restart["exit_code"] == -signal.SIGKILL
+    assert any(r["time"] > restart["time"] for r in records)  # probing went on after the restart
+    assert events(run_dir, "prober_finished")[-1]["status"] == "completed"
+    # Nothing dropped: every due step was probed or skipped (queue full) with an event; the
+    # snapshot being measured when the prober was killed stayed queued for the next one.
+    skipped = [e["step"] for e in events(run_dir, "probe_skipped")]
+    probed = [r["step"] for r in records]
+    assert sorted(probed + skipped) == list(range(every, total + 1, every))
+    assert probed == sorted(probed)  # oldest first
+    assert sum(not r["warm_start"] for r in records) == 2  # the first probe of each prober
+
+    raw = load_probe_batch(run_dir)
+    assert {r["batch_digest"] for r in records} == {batch_digest(raw)}  # the restarted prober's too
+    for record, inline in zip(records, _inline_probes_of_the_same_snapshots(run_dir, records)):
+        np.testing.assert_allclose(record["eigenvalues"], inline["eigenvalues"], rtol=1e-5)
+        np.testing.assert_allclose(record["residuals"], inline["residuals"], rtol=1e-3, atol=1e-6)
+        assert record["hvps"] == inline["hvps"] and record["converged"] == inline["converged"]
+        assert record["grad_norm"] == pytest.approx(inline["grad_norm"], rel=1e-5)
+
+    result = subprocess.run(eosrl("launch", "--resume", str(run_dir), "--no-progress",
+                                  "--set", f"run.total_updates={total + every}"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = [r for r in _probes(run_dir) if r["step"] > total]
+    assert after and {r["batch_digest"] for r in after} == {batch_digest(raw)}
