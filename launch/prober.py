@@ -13,8 +13,9 @@ waits for the prober: when the queue is full it skips that update's snapshot and
 writes a `probe_skipped` event, so every missing probe is accounted for in
 metrics.jsonl. A snapshot leaves the queue only once its record is written, so
 the one a prober was measuring when it died is measured by the prober that
-restarts (a prober killed between writing a record and deleting the snapshot
-would leave a second record of that step: a window of microseconds). When the
+restarts; each record names its snapshot by the Reverb item key, and a
+restarted prober deletes, unprobed, a snapshot whose record the dead one had
+already written. So every queued snapshot gets exactly one record. When the
 learner ends it queues an end marker; the prober works through what was queued
 before it, then exits. Stopped before that (Ctrl-C), it writes how many
 snapshots it left unprobed.
@@ -39,7 +40,7 @@ from eosrl.agents.config import Config
 from eosrl.agents.probes import Prober
 from eosrl.launch.channels import SnapshotQueue, connect, while_server_answers
 from eosrl.launch.lifeline import Stop, stop_on_signals
-from eosrl.launch.rundir import MetricsWriter, RunDir
+from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics
 
 PROBE_BATCH_FILE = "probe_batch.npz"
 
@@ -79,14 +80,17 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
     rdir = RunDir(run_dir).create()
     metrics = MetricsWriter(rdir)
     batch = load_probe_batch(rdir.path) if config.probe.batch == "fixed" else None
+    recorded = {r.get("snapshot_key") for r in read_metrics(rdir.metrics, "probe")}  # by a prober before this one
     probes, last_step, status = 0, 0, "completed"
     with stop_on_signals():
         try:
             while True:
                 key, snap = queue.oldest()
-                if snap is None:
+                if snap is None or str(key) in recorded:
                     queue.done(key)
-                    break
+                    if snap is None:
+                        break
+                    continue
                 if batch is None or config.probe.batch == "fresh":
                     # When the first snapshot arrives learning has started, so replay holds data.
                     batch = replay.sample_items(client, config.probe.batch_size, builder.signature())
@@ -94,7 +98,7 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
                         save_probe_batch(rdir.path, batch)
                 record = prober.probe(snap, learner.preprocess(batch))
                 metrics.write("probe", snap.step, env_steps=snap.env_steps, batch_digest=batch_digest(batch),
-                              **{k: v for k, v in record.items() if k not in ("kind", "step")})
+                              snapshot_key=str(key), **{k: v for k, v in record.items() if k not in ("kind", "step")})
                 queue.done(key)
                 probes, last_step = probes + 1, snap.step
         except Stop:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 
@@ -120,7 +121,7 @@ def test_prober_process_in_an_offline_launch(dataset, tmp_path):
     # snapshot being measured when the prober was killed stayed queued for the next one.
     skipped = [e["step"] for e in events(run_dir, "probe_skipped")]
     probed = [r["step"] for r in records]
-    assert sorted(probed + skipped) == list(range(every, total + 1, every))
+    assert sorted(probed + skipped) == list(range(every, total + 1, every))  # and exactly once each
     assert probed == sorted(probed)  # oldest first
     assert sum(not r["warm_start"] for r in records) == 2  # the first probe of each prober
 
@@ -138,3 +139,38 @@ def test_prober_process_in_an_offline_launch(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     after = [r for r in _probes(run_dir) if r["step"] > total]
     assert after and {r["batch_digest"] for r in after} == {batch_digest(raw)}
+
+
+def test_a_restarted_prober_records_each_snapshot_once(tmp_path):
+    """A prober killed after writing a record but before deleting its snapshot: the next
+    one finds the snapshot's key among the records and deletes it unprobed."""
+    import reverb
+    from eosrl.agents import replay
+    from eosrl.launch.channels import SnapshotQueue
+    from eosrl.launch.prober import run_prober, save_probe_batch
+    config = load_config(CONFIGS / "dqn_cartpole.yaml", PROBE + ["probe.every=10", "probe.max_queued=4"])
+    builder = Builder(config)
+    server = replay.start_server([replay.probe_table(config.probe.max_queued)])
+    try:
+        client = reverb.Client(f"localhost:{server.port}")
+        queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
+        learner = builder.make_learner()
+        snapshot = Prober(config.probe, learner).snapshot(learner.state, learner.current_lr(), 0)
+        for step in (10, 20):
+            assert queue.offer(snapshot._replace(step=step))
+        assert queue.close()
+        first_key, first = queue.oldest()
+        assert first.step == 10
+        rdir = RunDir(tmp_path).create()
+        metrics = MetricsWriter(rdir, tensorboard=False)
+        metrics.write("probe", 10, snapshot_key=str(first_key))  # written by the prober that died
+        metrics.close()
+        rng = np.random.default_rng(0)
+        batch = {key: rng.normal(size=value.shape).astype(value.dtype) if value.dtype.kind == "f"
+                 else np.zeros_like(value) for key, value in builder.batch_template(128).items()}
+        save_probe_batch(rdir.path, batch)
+        assert run_prober(config, f"localhost:{server.port}", rdir.path) == 0
+        assert [r["step"] for r in read_metrics(rdir.metrics, "probe")] == [10, 20]
+        assert queue.waiting() == 0
+    finally:
+        server.stop()
