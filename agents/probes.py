@@ -232,6 +232,10 @@ class Prober:
         an adaptive optimiser has no preconditioner until it has seen a gradient)."""
         return self.config.enabled and step > 0 and step % self.config.every == 0
 
+    def forget_vectors(self) -> None:
+        """The next probe starts cold (random vectors), as after a restart."""
+        self._vectors = None
+
     def snapshot(self, state, lr: float, env_steps: int) -> ProbeSnapshot:
         """The snapshot of a learner state (on the learner's side)."""
         return ProbeSnapshot(state.params, state.target_params, state.net_state, state.target_net_state,

@@ -318,5 +318,6 @@ class DevicePrefetch:
         self._thread.join(timeout=5)
 
 
-def table_size(client: reverb.Client, table: str = REPLAY_TABLE) -> int:
-    return client.server_info()[table].current_size
+def table_size(client: reverb.Client, table: str = REPLAY_TABLE, timeout: Optional[int] = None) -> int:
+    """Items in `table`; with `timeout` (seconds) a dead server raises instead of blocking."""
+    return int(client.server_info(timeout=timeout)[table].current_size)

@@ -18,6 +18,7 @@ HVPs a cold start needs for the same accuracy, for a like-for-like comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -78,12 +79,11 @@ def cold_start_hvps(run_dir: Path) -> Dict:
     snap = Prober(config.probe, learner).snapshot(learner.state, learner.current_lr(), 0)
     out = {}
     for name, probe_config in (("lobpcg_cold", config.probe),
-                               ("lanczos_30", type(config.probe)(**{**vars(config.probe), "method": "lanczos"}))):
+                               ("lanczos_30", dataclasses.replace(config.probe, method="lanczos"))):
         prober = Prober(probe_config, learner)
         prober.probe(snap, batch)  # compile
-        prober._vectors = None     # a cold start again, now timed
-        record = prober.probe(snap, batch)
-        out[name] = record
+        prober.forget_vectors()    # a cold start again, now timed
+        out[name] = prober.probe(snap, batch)
     top = np.asarray(out["lanczos_30"]["eigenvalues"])
     out["agreement"] = float(np.max(np.abs(np.asarray(out["lobpcg_cold"]["eigenvalues"]) - top) / abs(top[0])))
     return out

@@ -71,7 +71,7 @@ class ParamsChannel:
 
 def _wait_for_items(client: reverb.Client, table: str) -> None:
     """Returns once `table` holds an item: polling keeps SIGTERM deliverable, unlike a blocking sample."""
-    while client.server_info(timeout=3)[table].current_size == 0:
+    while replay.table_size(client, table, timeout=3) == 0:
         time.sleep(0.1)
 
 
@@ -134,7 +134,7 @@ class SnapshotQueue:
         self._client.mutate_priorities(replay.PROBE_TABLE, deletes=[key])
 
     def waiting(self) -> int:
-        return int(self._client.server_info(timeout=3)[replay.PROBE_TABLE].current_size)
+        return replay.table_size(self._client, replay.PROBE_TABLE, timeout=3)
 
 
 def rate_limited_batches(address: str, batch_size: int, inserts: Callable[[], int], max_idle_s: float,

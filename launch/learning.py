@@ -21,6 +21,7 @@ import numpy as np
 from eosrl.agents import checkpoint
 from eosrl.agents.builder import Builder
 from eosrl.launch import resume
+from eosrl.launch.channels import SnapshotQueue
 from eosrl.launch.rundir import MetricsWriter, RunDir
 
 Batch = Dict[str, np.ndarray]
@@ -52,7 +53,7 @@ class LearnerLoop:
                  evaluate: Optional[Callable[[int], Any]] = None,
                  record_values: Callable[[], Dict[str, Any]] = dict,
                  checkpoint_meta: Callable[[], Dict[str, Any]] = dict,
-                 probe_queue: Any = None):
+                 probe_queue: Optional[SnapshotQueue] = None):
         self.config = builder.config
         self._builder = builder
         self.learner = builder.make_learner()

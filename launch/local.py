@@ -165,7 +165,8 @@ class _LocalRun:
         deadline = time.time() + PROBER_DRAIN_S
         while time.time() < deadline:
             self.prober = self._restart(self.prober, events, self.updates, "prober", self._new_prober) or self.prober
-            if self.prober.poll() is not None and (self.prober.poll() == 0 or self.prober.restarts < 0):
+            code = self.prober.poll()
+            if code == 0 or (code is not None and self.prober.restarts < 0):  # done, or given up
                 return
             time.sleep(0.5)
 

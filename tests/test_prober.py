@@ -91,7 +91,7 @@ def _inline_probes_of_the_same_snapshots(run_dir, records):
     for record in records:
         builder.restore(learner, at_step[record["step"]])
         if not record["warm_start"]:
-            prober._vectors = None
+            prober.forget_vectors()
         yield prober.probe(prober.snapshot(learner.state, learner.current_lr(), 0), batch)
 
 
