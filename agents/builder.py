@@ -9,13 +9,13 @@ distributed learner count updates the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import reverb
 
 from eosrl.agents import checkpoint, networks, replay
-from eosrl.agents.actor import Actor, Evaluator, linear_epsilon
+from eosrl.agents.actor import Actor, Evaluator, VectorActor, linear_epsilon
 from eosrl.agents.config import Config, parse_subset
 from eosrl.agents.learner import Learner
 from eosrl.agents.types import Adder
@@ -26,9 +26,12 @@ EVALUATOR_SEED_OFFSET = 10_000
 EVALUATE_COMMAND_SEED_OFFSET = 20_000
 
 
-def actor_seed(seed: int, actor_id: int, start_step: int) -> int:
-    """Distributed actor i's seed; a resumed share starts a new stream."""
-    return seed + 1000 * (actor_id + 1) + start_step
+def actor_seed(seed: int, actor_id: int, start_step: int, env: int = 0, envs_per_actor: int = 1) -> int:
+    """The seed of env `env` of distributed actor `actor_id`: that of the single-env actor
+    actor_id·envs_per_actor + env, so N single-env actors with these seeds write what
+    one actor with N envs does. A resumed share (`start_step`: env steps the actor
+    already took, all its envs together) starts new streams."""
+    return seed + 1000 * (actor_id * envs_per_actor + env + 1) + start_step
 
 
 class Schedule:
@@ -149,6 +152,11 @@ class Builder:
         return replay.TransitionAdder(client, self.config.agent.n_step, self.config.agent.discount,
                                       self.spec.frame_stack)
 
+    def make_env_adders(self, client: reverb.Client, envs: int) -> List[replay.TransitionAdder]:
+        """One adder per env of a distributed actor, sharing one Reverb writer."""
+        return replay.TransitionAdder.for_envs(client, envs, self.config.agent.n_step,
+                                               self.config.agent.discount, self.spec.frame_stack)
+
     def load_dataset(self, adder: Adder) -> Dict[str, Any]:
         """Inserts the regime's dataset (its subset, with its corruption) through `adder`."""
         from eosrl.agents import dataset
@@ -189,8 +197,9 @@ class Builder:
     # --- acting -------------------------------------------------------------------
 
     def epsilon(self, actor_id: int = 0, num_actors: int = 1) -> Callable[[int], float]:
-        """The behaviour ε of actor `actor_id`: the config's schedule, or Ape-X's fixed
-        ε_i = apex_epsilon^(1 + apex_alpha·i/(N−1))."""
+        """The behaviour ε of single-env actor `actor_id` of `num_actors` (with several envs
+        per actor: of env i of actor a, as actor a·envs_per_actor + i of all actors' envs):
+        the config's schedule, or Ape-X's fixed ε_i = apex_epsilon^(1 + apex_alpha·i/(N−1))."""
         d, a = self.config.distributed, self.config.agent
         if d.actor_epsilon == "apex":
             value = d.apex_epsilon ** (1.0 + d.apex_alpha * (actor_id / max(1, num_actors - 1)))
@@ -203,6 +212,20 @@ class Builder:
         return Actor(env, self.network, self.config.agent, adder, seed=seed,
                      clip_rewards=self.config.env.clip_rewards, epsilon=epsilon or self.epsilon(),
                      recorder=recorder)
+
+    def make_vector_actor(self, adders: Sequence[Adder], actor_id: int, num_actors: int,
+                          start_step: int = 0) -> VectorActor:
+        """Distributed actor `actor_id`'s `distributed.envs_per_actor` envs (one per adder):
+        env i is seeded (`actor_seed`) and explores (Ape-X ε over all actors' envs) as
+        the single-env actor actor_id·envs_per_actor + i."""
+        n = self.config.distributed.envs_per_actor
+        if len(adders) != n:
+            raise ValueError(f"{len(adders)} adders for distributed.envs_per_actor={n}")
+        seeds = [actor_seed(self.config.run.seed, actor_id, start_step, i, n) for i in range(n)]
+        envs = [make_env(self.config.env, seed, training=True) for seed in seeds]
+        return VectorActor(envs, self.network, self.config.agent, adders, seeds,
+                           clip_rewards=self.config.env.clip_rewards,
+                           epsilons=[self.epsilon(actor_id * n + i, num_actors * n) for i in range(n)])
 
     def make_evaluator(self, seed_offset: int = EVALUATOR_SEED_OFFSET, render: bool = False,
                        epsilon: Optional[float] = None) -> Evaluator:

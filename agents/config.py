@@ -187,6 +187,11 @@ class ProbeConfig:
     """Rademacher probes of Hutchinson's estimator of the Hessian trace."""
     geometric_complexity_every: int = 0
     """Learner updates between measures of the Q-network's geometric complexity (a multiple of `every`; 0: never)."""
+    batch_sharpness_batches: int = 0
+    """Fresh batches of the training batch size (`replay.batch_size`) each probe also draws to measure the
+    batch sharpness E_B[g_Bᵀ H_B g_B / ‖g_B‖²] and the mean λ_max of the batch Hessians (Andreyev &
+    Beneventano, 2024), in the step's geometry D^½ H_B D^½ like λ₁; each batch costs a gradient, 1 HVP and
+    a one-vector eigensolve (0: off)."""
 
 
 @dataclass
@@ -194,14 +199,19 @@ class DistributedConfig:
     num_actors: int = 2
     """Actor processes started by `eosrl launch` (`--actors` overrides it)."""
     actor_epsilon: Literal["schedule", "apex"] = "schedule"
-    """`schedule`: every actor follows agent.epsilon_*; `apex`: actor i of N keeps the fixed
+    """`schedule`: every actor's env follows agent.epsilon_* over its own env steps; `apex`:
+    env i of N (all actors' envs: num_actors × envs_per_actor) keeps the fixed
     ε_i = apex_epsilon^(1 + apex_alpha·i/(N−1)) of Ape-X (Horgan et al., 2018)."""
     apex_epsilon: float = 0.4
     """Base ε of the Ape-X per-actor exploration."""
     apex_alpha: float = 7.0
     """Exponent spread of the Ape-X per-actor exploration."""
+    envs_per_actor: int = 1
+    """Envs each actor process steps together, with one batched policy call per step of
+    all of them; env i of actor a is seeded, and explores (`apex`), as the single-env
+    actor a·envs_per_actor + i would (`eosrl train` always steps one env)."""
     param_refresh_steps: int = 200
-    """Env steps between an actor's reads of the `params` table."""
+    """Env steps (of all an actor's envs) between an actor's reads of the `params` table."""
     publish_every: int = 100
     """Learner updates between writes of the parameters to the `params` table."""
     max_actor_restarts: int = 3
@@ -393,6 +403,7 @@ def _validate_probe(p: ProbeConfig, capacity: int) -> None:
     _positive("probe.hutchinson_samples", p.hutchinson_samples)
     _positive("probe.iterations", p.iterations)
     _positive("probe.max_queued", p.max_queued)
+    _positive("probe.batch_sharpness_batches", p.batch_sharpness_batches, allow_zero=True)
     if not 0.0 < p.tolerance < 1.0:
         raise ConfigError(f"probe.tolerance: must be in (0, 1), got {p.tolerance}")
     if p.method == "lanczos" and p.iterations < p.num_eigs:
@@ -468,6 +479,7 @@ def validate(c: Config) -> None:
     _validate_probe(c.probe, r.capacity)
     d = c.distributed
     _positive("distributed.num_actors", d.num_actors)
+    _positive("distributed.envs_per_actor", d.envs_per_actor)
     _positive("distributed.param_refresh_steps", d.param_refresh_steps)
     _positive("distributed.publish_every", d.publish_every)
     _positive("distributed.max_actor_restarts", d.max_actor_restarts, allow_zero=True)

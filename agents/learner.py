@@ -100,19 +100,24 @@ class Learner:
             target_net_state=net_state, opt_state=self.optimizer.init(params),
             step=jnp.zeros((), jnp.int32), rng=rng)
         self._update = jax.jit(make_update_fn(self.loss_fn, self.optimizer, agent, preprocess))
+        # The update count on the host: reading `state.step` would wait for the update in
+        # flight, and the loop asks for the count after every update.
+        self._step = 0
 
     def update(self, raw_batch) -> Dict[str, jnp.ndarray]:
-        """One update; returns device metrics (convert with `float` only when logging)."""
+        """One update, dispatched without waiting for it; returns device metrics (convert
+        with `float` only when logging)."""
         self.state, metrics = self._update(self.state, raw_batch)
+        self._step += 1
         return metrics
 
     @property
     def step(self) -> int:
-        return int(self.state.step)
+        return self._step
 
     def current_lr(self) -> float:
         lr = self._lr
-        return float(lr(self.state.step)) if callable(lr) else float(lr)
+        return float(lr(self._step)) if callable(lr) else float(lr)
 
     def acting_params(self) -> Tuple[Params, NetState]:
         """What actors and evaluators need: online params and the SN vectors."""
@@ -126,4 +131,5 @@ class Learner:
         template = {"learner": self.state, "extra": extra_template if extra_template is not None else {}}
         tree, meta = checkpoint.load(path, template)
         self.state = jax.tree_util.tree_map(jnp.asarray, tree["learner"])
+        self._step = int(self.state.step)
         return tree["extra"], meta

@@ -17,9 +17,10 @@ then that of the unclipped step, a lower bound on the real one.
 - `ProbeSnapshot`: what a probe needs of the learner at one update, and only
   that; the learner makes it (`Prober.snapshot`), and with `probe.mode:
   process` it travels to a prober process through Reverb;
-- `Prober.probe(snapshot, batch)`: the `probe` record, with HVPs spent, Ritz
-  residuals and a flag for every eigenvalue that did not converge. It keeps
-  the eigenvectors of its last probe to warm-start the next one;
+- `Prober.probe(snapshot, batch, sharpness_batches)`: the `probe` record, with
+  HVPs spent, Ritz residuals and a flag for every eigenvalue that did not
+  converge, and the batch sharpness on fresh batches (`draw_sharpness_batches`).
+  It keeps the eigenvectors of its last probe to warm-start the next one;
 - `top_eigenvalues(loss_of_params, params, ...)`: the generic entry point, for
   any scalar loss of a params pytree (used by the supervised benchmark).
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,9 @@ from jax.flatten_util import ravel_pytree
 
 from eosrl.agents import networks, spectral_norm
 from eosrl.agents.config import AgentConfig, OptimizerConfig, ProbeConfig
-from eosrl.agents.eigensolvers import (Matvec, hutchinson_trace, lanczos_eigenpairs, make_hvp, preconditioned,
-                                       random_init, smallest_eigenpair, top_eigenpairs)
+from eosrl.agents.eigensolvers import (Matvec, hutchinson_trace, lanczos, lanczos_eigenpairs, make_hvp,
+                                       preconditioned, random_init, ritz_residuals, smallest_eigenpair,
+                                       top_eigenpairs)
 from eosrl.agents.thresholds import is_adaptive, stability_threshold
 
 
@@ -185,6 +187,15 @@ def top_eigenvalues(loss_of_params: Callable[[Any], jnp.ndarray], params: Any, n
 # The instrument.
 
 
+def draw_sharpness_batches(count: int, batch_size: int, sample_items: Callable[[int], Any],
+                           preprocess: Callable[[Any], Any]) -> List[Any]:
+    """`count` fresh batches of `batch_size` raw items, each through `preprocess`
+    (as the probe batch is): what `Prober.probe` measures the batch sharpness on.
+    `sample_items(n)` draws n raw replay items; the learner loop and the prober
+    process each pass their own, so both draw the batches the same way."""
+    return [preprocess(sample_items(batch_size)) for _ in range(count)]
+
+
 class ProbeSnapshot(NamedTuple):
     """What a probe needs of the learner at one update: the TD loss's arguments
     other than the batch, the scaling of its next step, and where it stood."""
@@ -226,6 +237,7 @@ class Prober:
         self._measure = jax.jit(self._measure_fn)  # compiled once per batch shape
         self._trace = jax.jit(self._trace_fn)
         self._complexity = jax.jit(self._complexity_fn)
+        self._batch_sharpness = jax.jit(self._batch_sharpness_fn)  # compiled once per (K, batch shape)
 
     def should_probe(self, step: int) -> bool:
         """Probe every `config.every` learner updates (not before the first:
@@ -295,6 +307,59 @@ class Prober:
             return networks.q_values(self.learner.network, output)
         return geometric_complexity(q_of_inputs, network_inputs(batch.obs))
 
+    def _batch_sharpness_fn(self, snap: ProbeSnapshot, batches, init: jnp.ndarray, rng):
+        """Per batch B of `batches` (K batches stacked on a leading axis), in the
+        geometry of λ₁: D^½ the step's scaling (D = 1 for SGD), A_B = D^½ H_B D^½.
+
+        - Step sharpness uᵀA_Bu/‖u‖², u = D^½g_B (= g_BᵀDH_BDg_B / g_BᵀDg_B): the
+          Rayleigh quotient of the operator the step sees along the step. For SGD
+          it is g_BᵀH_Bg_B/‖g_B‖², whose mean over batches is the Batch Sharpness
+          of Andreyev & Beneventano (2024, arXiv:2412.20553, "Edge of Stochastic
+          Stability: Revisiting the Edge of Stability for SGD"; a mean of ratios,
+          as their code estimates it). In φ = D^{-½}θ the step θ ← θ − ηDg_B is
+          SGD on L_B, with gradient u and Hessian A_B: their quantity for the
+          step actually taken. L_B(θ − ηDg_B) ≈ L_B − η‖u‖² + ½η²uᵀA_Bu falls
+          iff the step sharpness < 2/η. A batch whose gradient vanishes counts 0.
+        - λ_max(A_B): `lobpcg` on one vector started from this probe's top
+          eigenvector of the probe batch (so inline and prober-process probes of
+          a snapshot agree), to `probe.tolerance` or `probe.iterations`:
+          iterations + 2 HVPs; `lanczos`: `probe.iterations` cold steps and a
+          residual, iterations + 1 HVPs.
+
+        One batch at a time (`lax.map`): memory stays that of one batch. HVPs:
+        1 + the solver's per batch (plus a gradient, not counted)."""
+        c = self.config
+        flat, unravel = ravel_pytree(snap.params)
+        scaling = snap.step_scaling
+        num = jax.tree_util.tree_leaves(batches)[0].shape[0]
+
+        def one(args):
+            batch, key = args
+
+            def loss(x):
+                return self.learner.loss_fn(unravel(x), snap.target_params, snap.net_state,
+                                            snap.target_net_state, batch, False)[0]
+            hvp = make_hvp(loss, flat)
+            grad = jax.grad(loss)(flat)
+            operator, u = (hvp, grad) if scaling is None else (preconditioned(hvp, scaling), scaling * grad)
+            dot = functools.partial(jnp.vdot, precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPUs
+            uu = dot(u, u)
+            step_sharpness = jnp.where(uu > 0, dot(u, operator(u)) / jnp.where(uu > 0, uu, 1.0), 0.0)
+            if c.method == "lanczos":
+                values, vectors = lanczos(operator, flat.shape[0], c.iterations, key, flat.dtype)
+                value, residual = values[0], ritz_residuals(operator, values[:1], vectors[:1])[0]
+                hvps = jnp.asarray(min(c.iterations, flat.shape[0]) + 1, jnp.int32)
+            else:
+                top = top_eigenpairs(operator, init, c.tolerance, c.iterations)
+                value, residual, hvps = top["values"][0], top["residuals"][0], top["hvps"]
+            converged = residual <= c.tolerance * jnp.abs(value)
+            return step_sharpness, value, residual, converged, hvps + 1
+
+        keys = jax.random.split(rng, num)
+        step_sharpness, values, residuals, converged, hvps = jax.lax.map(one, (batches, keys))
+        return {"step_sharpness": step_sharpness, "lambda_max": values, "residuals": residuals,
+                "converged": converged, "hvps": jnp.sum(hvps)}
+
     def _start_vectors(self, dim: int, rng: jax.Array) -> Dict[str, jnp.ndarray]:
         """The last probe's eigenvectors, or random ones for the first probe."""
         if self._vectors is not None:
@@ -305,8 +370,21 @@ class Prober:
 
     # -- the record -------------------------------------------------------------
 
-    def probe(self, snap: ProbeSnapshot, batch) -> Dict[str, Any]:
-        """Measures `snap` on `batch`; a JSON-ready `probe` record."""
+    def probe(self, snap: ProbeSnapshot, batch, sharpness_batches: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+        """Measures `snap` on `batch`; a JSON-ready `probe` record.
+
+        `sharpness_batches`: K preprocessed batches of the training batch size
+        (`draw_sharpness_batches`); then the record also has, over them
+        (`_batch_sharpness_fn`), `batch_sharpness` (mean step sharpness) and
+        `batch_lambda_max` (mean λ_max(D^½H_BD^½)), each with `_stderr` over the
+        batches (0 for K = 1) and `_over_threshold`; the largest residual of the
+        λ_max and whether all converged; K, the batch size, and `batch_hvps`
+        (included in `hvps`). The threshold is the record's, λ₁'s: 2/η for SGD,
+        where the paper finds batch sharpness settling. With momentum β it is
+        (2+2β)/η (Cohen et al., 2021), which the EoSS paper does not establish
+        for batch sharpness: its follow-up (arXiv:2604.14108, abstract) reports
+        a plateau at 2(1+β)/η for large batches but 2(1−β)/η for small ones. For
+        Adam/RMSProp the ratio is an analogue, not a published result."""
         c, step = self.config, snap.step
         start = time.perf_counter()
         rng = jax.random.fold_in(self._rng, step)
@@ -336,5 +414,28 @@ class Prober:
             record["hvps"] += c.hutchinson_samples
         if c.geometric_complexity_every and step % c.geometric_complexity_every == 0:
             record["geometric_complexity"] = float(self._complexity(snap, batch))
+        if sharpness_batches:
+            record.update(self._batch_sharpness_record(snap, sharpness_batches, new_vectors["main"][:1],
+                                                       jax.random.fold_in(rng, 2), threshold))
+            record["hvps"] += record["batch_hvps"]
         record["seconds"] = time.perf_counter() - start  # the first includes compilation
         return record
+
+    def _batch_sharpness_record(self, snap: ProbeSnapshot, batches: Sequence[Any], init: jnp.ndarray,
+                                rng: jax.Array, threshold: float) -> Dict[str, Any]:
+        """The batch-sharpness fields of a record (see `probe`)."""
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batches)  # stays where preprocess put it
+        out = jax.device_get(self._batch_sharpness(snap, stacked, init, rng))
+        num = len(batches)
+        fields: Dict[str, Any] = {"batch_sharpness_batches": num,
+                                  "batch_sharpness_batch_size": int(jax.tree_util.tree_leaves(batches[0])[0].shape[0])}
+        for name, key in (("batch_sharpness", "step_sharpness"), ("batch_lambda_max", "lambda_max")):
+            values = np.asarray(out[key], np.float64)
+            mean = float(np.mean(values))
+            fields[name] = mean
+            fields[f"{name}_stderr"] = float(np.std(values, ddof=1) / math.sqrt(num)) if num > 1 else 0.0
+            fields[f"{name}_over_threshold"] = mean / threshold if math.isfinite(threshold) else 0.0
+        fields["batch_lambda_max_residual"] = float(np.max(out["residuals"]))
+        fields["batch_lambda_max_converged"] = bool(np.all(out["converged"]))
+        fields["batch_hvps"] = int(out["hvps"])
+        return fields

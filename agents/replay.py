@@ -42,6 +42,8 @@ PROBE_TABLE = "probe_snapshots"
 # high" at 50 (every 10th time), which a window of 64 reached between waits (513 warnings in
 # one 20k-step launch); waits come every half window, so the count peaks at this value.
 MAX_IN_FLIGHT_ITEMS = 40
+# Items `batch_stream` draws from the Reverb dataset at a time, at least (whole batches).
+ITEMS_PER_DRAW = 256
 
 
 def item_signature(frame_shape: Sequence[int], frame_dtype, frame_stack: int) -> Dict[str, tf.TensorSpec]:
@@ -99,6 +101,58 @@ def start_server(tables: List[reverb.Table], port: Optional[int] = None,
     return reverb.Server(tables=tables, port=port, checkpointer=checkpointer)
 
 
+class _CellWriter:
+    """A Reverb TrajectoryWriter driven in flat columns, for one `TransitionAdder` or
+    shared by the adders of an actor's envs: 0 the frames of the first env, 1 action,
+    2 reward, 3 discount, and 3 + i the frames of env i > 0. Each env needs a frame
+    column of its own because Reverb encodes an item's cells in one chunk as one slice
+    from the first of them (`MergeAdjacent`): a stack whose frames had another env's
+    frames between them would read those.
+
+    Rows and items go straight to the writer's C++ half: the Python wrapper re-flattens
+    each row and rebuilds its whole history structure for each item, ~150 µs per env
+    step, half of a MinAtar actor's time (benchmarks note 2). create_item never blocks;
+    waiting for confirmations is what lets the table's rate limiter hold a distributed
+    actor back, and what keeps the writer's pending items under the level at which
+    Reverb floods its log. Waiting on every item would cost a server round trip per env
+    step; a wait every half-window, counted over all the items of the writer's adders,
+    keeps at most `max_in_flight_items` of them unconfirmed all the same.
+    """
+
+    def __init__(self, client: reverb.Client, table: str, max_in_flight_items: int, num_keep_alive_refs: int):
+        self._table = table
+        self._max_in_flight = max_in_flight_items
+        self._half_window = max(1, max_in_flight_items // 2)
+        self._writer = client.trajectory_writer(num_keep_alive_refs=num_keep_alive_refs)
+        self.cells = self._writer._writer  # dm-reverb 0.14's pybind TrajectoryWriter
+        self.items = 0
+
+    def create_item(self, columns: List[List[Any]]) -> None:
+        """An item from cell references, in ITEM_FIELDS order."""
+        self.cells.CreateItem(self._table, 1.0, columns, _SQUEEZED)
+        self.items += 1
+        if self.items % self._half_window == 0:
+            self.wait(self._max_in_flight // 2)
+
+    def wait(self, block_until_num_items: int) -> None:
+        """Waits for the server in short slices, so a SIGTERM handler gets to run
+        even while the rate limiter holds inserts back."""
+        while True:
+            try:
+                self._writer.flush(block_until_num_items, timeout_ms=1000)
+                return
+            except reverb.errors.DeadlineExceededError:
+                continue
+
+    def end_episode(self) -> None:
+        """Waits for every item, then starts a new Reverb episode (new chunks)."""
+        self.wait(0)
+        self._writer.end_episode(clear_buffers=True)
+
+    def close(self) -> None:
+        self._writer.close()  # idempotent: the adders sharing a writer each close it
+
+
 class TransitionAdder:
     """Writes n-step transitions of one actor's episodes into the replay table.
 
@@ -106,25 +160,31 @@ class TransitionAdder:
     reward, terminated, truncated, next_obs, life_loss)` after each step. A
     termination or a life loss (reported by the env under the Nature preset)
     ends bootstrapping; a termination or a truncation ends the stream.
+
+    A lone adder ends each Reverb episode with its own: it waits for the episode's
+    items to be confirmed and starts new chunks. The adders `for_envs` makes (the envs
+    of a vectorised actor) share one writer, so one gRPC stream and one writer thread
+    carry all their items, and an episode's end neither waits nor ends the Reverb
+    episode, which would flush every env's pending rows: the adders keep their
+    episodes apart themselves (no item references a cell of another episode, and each
+    env's frames have their own column), the waits every half-window still bound the
+    unconfirmed items, and an episode's last items follow with the next rows' chunks
+    or at the next wait.
     """
 
     def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
-                 table: str = REPLAY_TABLE, max_in_flight_items: int = MAX_IN_FLIGHT_ITEMS):
+                 table: str = REPLAY_TABLE, max_in_flight_items: int = MAX_IN_FLIGHT_ITEMS,
+                 _writer: Optional[_CellWriter] = None, _env: int = 0):
         self._n = n_step
         self._gamma = discount
         self._stack = frame_stack
-        self._table = table
-        # create_item never blocks; waiting for confirmations is what lets the
-        # table's rate limiter hold a distributed actor back, and what keeps the
-        # writer's pending items under the level at which Reverb floods its log.
-        self._max_in_flight = max_in_flight_items
+        self._owns_episodes = _writer is None
         # Oldest referenced row is at most (n-1) transition-only rows + n + stack rows back.
-        self._writer = client.trajectory_writer(num_keep_alive_refs=2 * n_step + 2 * frame_stack + 2)
-        # Rows and items go straight to the writer's C++ half in flat columns: the Python
-        # wrapper re-flattens each row and rebuilds its whole history structure for each
-        # item, ~150 µs per env step, half of a MinAtar actor's time (benchmarks note 2).
-        # Columns: 0 frame, 1 action, 2 reward, 3 discount.
-        self._cells = self._writer._writer  # dm-reverb 0.14's pybind TrajectoryWriter
+        self._writer = _writer or _CellWriter(client, table, max_in_flight_items, 2 * n_step + 2 * frame_stack + 2)
+        self._cells = self._writer.cells
+        # This env's frame column (_CellWriter): 0, or 3 + env after the transition's three.
+        self._frame_column = 0 if _env == 0 else 3 + _env
+        self._padding = [None] * (self._frame_column - 4)
         # Cell references of the newest frames; the oldest an item uses is n + stack - 1 back.
         self._frames: Deque = collections.deque(maxlen=n_step + frame_stack)
         self._row = -1                    # step index t of the last observation in this episode
@@ -133,16 +193,34 @@ class TransitionAdder:
         self._continues: List[float] = []  # 0 where bootstrapping stops
         self.items_written = 0
 
+    @classmethod
+    def for_envs(cls, client: reverb.Client, envs: int, n_step: int, discount: float, frame_stack: int,
+                 table: str = REPLAY_TABLE, max_in_flight_items: int = MAX_IN_FLIGHT_ITEMS) -> List["TransitionAdder"]:
+        """One adder per env of a vectorised actor, all writing through one Reverb writer
+        (whose items, and so each env's, reach the table in the order they were made)."""
+        # An item's oldest cell is at most n + stack cells back in its env's frame column (the
+        # newest in the others). Reverb's chunks are at most that long, so an item waits
+        # for fewer of its env's steps before its chunks can go, and seldom for the server
+        # at a wait: twice as long (the lone adder's) cost a vectorised actor ~12 % (note 4).
+        writer = _CellWriter(client, table, max_in_flight_items, n_step + frame_stack)
+        return [cls(client, n_step, discount, frame_stack, table, max_in_flight_items, _writer=writer, _env=env)
+                for env in range(envs)]
+
     def _frame(self, obs: np.ndarray) -> np.ndarray:
         return obs[..., -1] if self._stack > 1 else obs
 
     def _append(self, frame: Optional[np.ndarray], transition: Sequence = (None, None, None)) -> List[Any]:
         """One row: a frame and/or the (action, n-step return, discount) of a transition;
         returns the cells of the transition's three fields."""
-        refs = self._cells.Append([frame, *transition])
+        if self._frame_column == 0:
+            refs = self._cells.Append([frame, *transition])
+        elif frame is None:
+            refs = self._cells.Append([None, *transition])
+        else:
+            refs = self._cells.Append([None, *transition, *self._padding, frame])
         if frame is not None:
-            self._frames.append(refs[0])
-        return refs[1:]
+            self._frames.append(refs[self._frame_column])
+        return refs[1:4]
 
     def _stack_refs(self, t: int) -> List[Any]:
         """Cells of the frames of the observation at step t: rows t .. t+stack-1 counting the
@@ -170,23 +248,8 @@ class TransitionAdder:
         """The item from step `start` to step `end`, with the cells `_append` returned."""
         action, reward, discount = transition
         # In ITEM_FIELDS order: action, discount, next_obs, obs, reward.
-        self._cells.CreateItem(self._table, 1.0, [[action], [discount], self._stack_refs(end),
-                                                  self._stack_refs(start), [reward]], _SQUEEZED)
+        self._writer.create_item([[action], [discount], self._stack_refs(end), self._stack_refs(start), [reward]])
         self.items_written += 1
-        # Waiting on every item would cost a server round trip per env step; every
-        # half-window keeps at most max_in_flight items unconfirmed all the same.
-        if self.items_written % max(1, self._max_in_flight // 2) == 0:
-            self._wait(self._max_in_flight // 2)
-
-    def _wait(self, block_until_num_items: int) -> None:
-        """Waits for the server in short slices, so a SIGTERM handler gets to run
-        even while the rate limiter holds inserts back."""
-        while True:
-            try:
-                self._writer.flush(block_until_num_items, timeout_ms=1000)
-                return
-            except reverb.errors.DeadlineExceededError:
-                continue
 
     def add(self, action: int, reward: float, terminated: bool, truncated: bool, next_obs: np.ndarray,
             life_loss: bool = False) -> None:
@@ -211,12 +274,13 @@ class TransitionAdder:
                 transition = self._append(None, (np.int32(self._actions[start]),
                                                  *self._n_step(start, self._row)))
                 self._create_item(start, self._row, transition)
-            self._wait(0)
-            self._writer.end_episode(clear_buffers=True)
+            if self._owns_episodes:
+                self._writer.end_episode()
             self._row = -1
 
     def flush(self) -> None:
-        self._wait(0)
+        """Waits until the server has confirmed every item (of every adder sharing the writer)."""
+        self._writer.wait(0)
 
     def close(self) -> None:
         self._writer.close()
@@ -237,85 +301,64 @@ def item_to_transition(frame_stack: int):
 
 
 def batch_stream(address: str, batch_size: int, table: str = REPLAY_TABLE,
-                 prefetch: int = 2, rate_limiter_timeout_ms: int = -1) -> DevicePrefetch:
-    """Batches of items from a prefetching Reverb dataset (sampling runs in background
-    threads), put on the device ahead of use. With a timeout, the stream ends when the
-    rate limiter has held sampling back that long."""
+                 prefetch: int = 2, rate_limiter_timeout_ms: int = -1) -> "BatchStream":
+    """Batches of items from a prefetching Reverb dataset (sampling and batching run in
+    its C++ threads). With a timeout, the stream ends when the rate limiter has held
+    sampling back that long.
+
+    Items are sampled uniformly and independently, so small batches are drawn from the
+    dataset several at a time (`ITEMS_PER_DRAW`) and split on the host: each element costs
+    tf.data's Python side ~0.5 ms whatever its size, a third of a MinAtar update at batch 32."""
+    batches_per_draw = max(1, ITEMS_PER_DRAW // batch_size)
     dataset = reverb.TrajectoryDataset.from_table_signature(
         server_address=address, table=table,
-        max_in_flight_samples_per_worker=2 * batch_size,
+        max_in_flight_samples_per_worker=2 * batch_size * batches_per_draw,
         rate_limiter_timeout_ms=rate_limiter_timeout_ms)
-    # Batch before dropping the sample info: one map call per batch instead of per item
-    # doubles the batches/s the iterator delivers (MinAtar, batch 32: ~1000 -> ~2000/s).
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    # Batch before dropping the sample info: one map call per batch instead of per item.
+    dataset = dataset.batch(batch_size * batches_per_draw, drop_remainder=True)
     dataset = dataset.map(lambda sample: sample.data).prefetch(prefetch)
-    return DevicePrefetch(dataset.as_numpy_iterator())
+    return BatchStream(dataset.as_numpy_iterator(), batches_per_draw)
+
+
+class BatchStream:
+    """Training batches (numpy; the update's dispatch moves them to the device), each
+    draw of the dataset split into `parts` batches without copies.
+
+    No Python thread of its own: a thread that moved batches to the device ahead of use
+    cost the fed MinAtar update 10-15 % on 2 cores (GIL and core contention with XLA),
+    more than the copy it hid (benchmarks/README.md, note 1)."""
+
+    def __init__(self, draws: Iterator[Dict[str, np.ndarray]], parts: int):
+        self._draws: Optional[Iterator[Dict[str, np.ndarray]]] = draws
+        self._parts = parts
+        self._draw: Dict[str, np.ndarray] = {}
+        self._part = parts
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        if self._draws is None:
+            raise StopIteration
+        if self._part == self._parts:
+            self._draw, self._part = next(self._draws), 0
+        size = len(next(iter(self._draw.values()))) // self._parts
+        start = self._part * size
+        self._part += 1
+        return {key: value[start:start + size] for key, value in self._draw.items()}
+
+    def close(self) -> None:
+        """Releases the dataset's iterator (and its connection to the server)."""
+        self._draws, self._draw = None, {}
 
 
 def sample_items(client: reverb.Client, count: int, signature: Dict[str, Any],
                  table: str = REPLAY_TABLE) -> Dict[str, np.ndarray]:
     """`count` items stacked into one batch by direct sampling (probe batches,
-    tests); training batches come from the prefetching `batch_stream`."""
+    tests); training batches come from `batch_stream`."""
     keys = sorted(signature)  # the flat order of a dict's leaves
     rows = [sample.data for sample in client.sample(table, num_samples=count, emit_timesteps=False)]
     return {key: np.stack([row[i] for row in rows]) for i, key in enumerate(keys)}
-
-
-class DevicePrefetch:
-    """Moves the next `size` batches to the device in a background thread, so the
-    host-side sampling and copying overlap the (asynchronously dispatched) update."""
-
-    def __init__(self, iterator: Iterator, size: int = 2):
-        import queue
-        import threading
-        self._queue: "queue.Queue" = queue.Queue(maxsize=size)
-        self._iterator = iterator
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> None:
-        import queue
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        import jax
-        try:
-            for batch in self._iterator:
-                if self._stop.is_set():
-                    return
-                self._put(jax.device_put(batch))
-        except Exception as e:  # surfaced to the consumer instead of dying silently
-            self._put(e)
-            return
-        self._put(StopIteration())
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._queue.get()
-        if isinstance(item, StopIteration):
-            raise StopIteration
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stops the thread (call before the server goes away)."""
-        import queue
-        self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=5)
 
 
 def table_size(client: reverb.Client, table: str = REPLAY_TABLE, timeout: Optional[int] = None) -> int:

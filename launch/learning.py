@@ -147,7 +147,11 @@ class LearnerLoop:
             return
         if self.config.probe.batch == "fresh":
             self.probe_batch = self._sample_items(self.config.probe.batch_size)
-        record = self.prober.probe(snapshot, self.learner.preprocess(self.probe_batch))
+        from eosrl.agents.probes import draw_sharpness_batches  # loaded with the prober
+        sharpness_batches = draw_sharpness_batches(self.config.probe.batch_sharpness_batches,
+                                                   self.config.replay.batch_size, self._sample_items,
+                                                   self.learner.preprocess)
+        record = self.prober.probe(snapshot, self.learner.preprocess(self.probe_batch), sharpness_batches)
         self.metrics.write("probe", step, env_steps=env_steps,
                            **{k: v for k, v in record.items() if k not in ("kind", "step")})
 

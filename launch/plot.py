@@ -2,13 +2,13 @@
 
 Figures (several runs share each figure; legends use the run directory names):
   sharpness.png    probe λ₁ vs learner updates, with the optimiser's stability
-                   threshold dashed in the same colour
+                   threshold dashed in the same colour, and the batch sharpness
+                   (probe.batch_sharpness_batches) dash-dotted in a colour of its own
   eigenvalues.png  the top-k probe eigenvalues vs learner updates, one panel per run
   loss.png         train loss vs learner updates
   returns.png      eval mean return and recent training return vs env steps
 
-`eosrl study`'s report figures (sharpness_by_regime.png, final_returns.png) are
-drawn by the functions of the last section, from the study's runs.
+`eosrl study`'s report figures are drawn by launch/study/figures.py.
 
 A figure of `eosrl plot` whose records no run has is skipped, and the reason is
 kept in the returned list's `skipped` attribute. Malformed metrics lines are skipped with
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -27,9 +27,6 @@ matplotlib.use("Agg")  # files only: no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 
 from eosrl.launch import rundir  # noqa: E402
-
-if TYPE_CHECKING:  # a type only: launch/study imports this module, not the other way
-    from eosrl.launch.study.spec import RunSpec
 
 Record = Dict[str, Any]  # one metrics.jsonl line
 
@@ -108,17 +105,28 @@ def _colors(n: int) -> List:
 
 
 def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
+    """λ₁ of the probe batch per run (solid, the run's colour), its threshold (dashed), and
+    where the probes measured it the batch sharpness (dash-dotted, with dots, in a colour
+    of its own per run, after the runs' colours)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted: List[float] = []
-    preconditioned = False
+    preconditioned = batch_sharpness = False
     # A constant threshold is keyed by its value, one that moves (an lr schedule) by its series.
     thresholds: Dict[tuple, List[Tuple[str, object, List[float], List[float]]]] = {}
-    for (name, records), color in zip(runs.items(), _colors(len(runs))):
+    colors = _colors(2 * len(runs))
+    for i, (name, records) in enumerate(runs.items()):
+        color = colors[i]
         x, y = series(records, "probe", "step", lambda r: r.get("sharpness"))
         if not x:
             continue
         preconditioned |= any(r.get("preconditioned") for r in records if r.get("kind") == "probe")
-        ax.plot(x, y, color=color, label=f"{name} λ₁")
+        bx, by = series(records, "probe", "step", lambda r: r.get("batch_sharpness"))
+        ax.plot(x, y, color=color, label=f"{name} λ₁ (probe batch)" if bx else f"{name} λ₁")
+        if bx:
+            batch_sharpness = True
+            ax.plot(bx, by, color=colors[len(runs) + i], ls="-.", marker="." if len(bx) <= 50 else None,
+                    label=f"{name} batch sharpness")
+            plotted += by
         tx, ty = series(records, "probe", "step", lambda r: r.get("threshold"))
         if tx:
             key = (ty[0],) if len(set(ty)) == 1 else (tuple(tx), tuple(ty))
@@ -134,8 +142,9 @@ def plot_sharpness(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
         ax.plot(tx, ty, color=color if len(owners) == 1 else "k", ls="--", label=label)
     if not _scale_axes(fig, ax, plotted):
         return None
-    ax.set_ylabel("sharpness λ₁ of P⁻¹H (preconditioned)" if preconditioned
-                  else "sharpness λ₁ of the TD-loss Hessian")
+    quantity = "λ₁ and batch sharpness" if batch_sharpness else "sharpness λ₁"
+    ax.set_ylabel(f"{quantity} of P⁻¹H (preconditioned)" if preconditioned
+                  else f"{quantity} of the TD-loss Hessian")
     ax.set_title("Sharpness vs stability threshold")
     ax.legend(fontsize="small")
     return _save(fig, path)
@@ -244,113 +253,3 @@ def plot_runs(run_dirs: List[Path], out_dir: Path | None = None) -> List[Path]:
         else:
             result.append(written)
     return result
-
-
-# ----------------------------------------------------------------------------
-# Study figures: the two of `eosrl study`'s report (launch/study/report.py), drawn
-# from the study's planned runs (RunSpec: stage, grid values, config, run_dir).
-
-
-def _study_records(run_dir: Path) -> List[Record]:
-    path = rundir.RunDir(run_dir).metrics
-    return read_metrics(path) if path.is_file() else []
-
-
-def _is_regime_axis(axis: str) -> bool:
-    return axis == "regime" or axis.startswith("regime.")
-
-
-def _panel_of(spec: RunSpec) -> str:
-    """The regime a run belongs to in the sharpness figure: the label of its grid
-    axis `regime` (or `regime.*`), else its config's regime.mode."""
-    for axis, label in spec.values.items():
-        if _is_regime_axis(axis):
-            return label
-    if spec.config is not None:
-        return spec.config.regime.mode
-    return str(spec.overrides.get("regime.mode", "online"))
-
-
-def _kind_of(spec: RunSpec) -> str:
-    if spec.config is not None:
-        return spec.config.agent.kind
-    return str(spec.overrides.get("agent.kind", spec.values.get("agent.kind", "?")))
-
-
-def plot_sharpness_by_regime(specs: Sequence[RunSpec], path: Path) -> Optional[Path]:
-    """sharpness/threshold vs learner updates: a panel per regime, a line per agent kind
-    (plus any other grid values), an × where a run diverged."""
-    # (stage, regime) -> [(line label, steps, ratios, divergence step)]
-    lines: Dict[Tuple[str, str], List[Tuple[str, List[float], List[float], Optional[int]]]] = {}
-    stages_with_probes = set()
-    for spec in specs:
-        records = _study_records(spec.run_dir)
-        ratios = ((r["step"], rundir.number(r.get("sharpness_over_threshold"))) for r in records if r.get("kind") == "probe")
-        points: List[Tuple[float, float]] = sorted((float(x), y) for x, y in ratios
-                                                   if y is not None and math.isfinite(y))
-        if not points:
-            continue
-        stages_with_probes.add(spec.stage)
-        extra = [v for a, v in spec.values.items() if a != "agent.kind" and not _is_regime_axis(a)]
-        label = " ".join([_kind_of(spec)] + extra)
-        div: Optional[int] = next((int(r["step"]) for r in records
-                                   if r.get("kind") == "event" and r.get("event") == "divergence"), None)
-        lines.setdefault((spec.stage, _panel_of(spec)), []).append(
-            (label, [p[0] for p in points], [p[1] for p in points], div))
-    if not lines:
-        return None
-    panels = list(lines)
-    cols = min(3, len(panels))  # wrap: five regimes side by side would be too wide to read
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), sharey=True, squeeze=False)
-    every = [y for group in lines.values() for _, _, ys, _ in group for y in ys]
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    # One colour per line label in every panel, so `dqn` is the same colour throughout.
-    labels = list(dict.fromkeys(label for group in lines.values() for label, *_ in group))
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
-    for ax, key in zip(axes.flat, panels):
-        for label, xs, ys, div in lines[key]:
-            ax.plot(xs, ys, label=label, lw=1.2, color=color[label], marker="o" if len(xs) <= 30 else None, ms=3)
-            if div is not None:  # at the divergence step, level with the last finite probe
-                ax.plot([div], [ys[-1]], "x", color=color[label], ms=9, mew=2)
-        ax.axhline(1.0, color="k", ls="--", lw=0.8)
-        ax.set_title(key[1] if len(stages_with_probes) == 1 else f"{key[0]}: {key[1]}")
-        ax.set_xlabel("learner updates")
-        ax.legend(fontsize="small")
-    # The threshold line counts: ratios far below it (a short run) get a log axis so their trend shows.
-    if spans_decades(every + [1.0]):
-        axes[0][0].set_yscale("log")
-    for row in axes:
-        row[0].set_ylabel("sharpness / threshold")
-    fig.suptitle("λ₁ / threshold (dashed: the edge of stability; ×: diverged)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-STATUS_COLORS = {"completed": "tab:blue", "diverged": "tab:red"}
-
-
-def plot_final_returns(rows: Sequence[Dict[str, Any]], path: Path) -> Optional[Path]:
-    """A bar per run with a final evaluation return, coloured by status."""
-    from matplotlib.patches import Patch
-    rows = [r for r in rows if r["final_eval_return"] is not None]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 2), 4.2))
-    colors = [STATUS_COLORS.get(r["status"], "tab:gray") for r in rows]
-    ax.bar(range(len(rows)), [r["final_eval_return"] for r in rows], color=colors)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"{r['stage']}/{r['run']}" for r in rows], rotation=60, ha="right", fontsize="small")
-    ax.set_ylabel("final evaluation return")
-    ax.set_title("Final return per run")
-    statuses = sorted({r["status"] for r in rows})
-    ax.legend(handles=[Patch(color=STATUS_COLORS.get(s, "tab:gray"), label=s) for s in statuses],
-              fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

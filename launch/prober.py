@@ -22,7 +22,9 @@ snapshots it left unprobed.
 
 The fixed probe batch is drawn from replay when the first snapshot arrives and
 kept in RUN_DIR/probe_batch.npz (no pickle), so a restarted prober and a resumed
-run probe the same batch; each record names the batch by a digest.
+run probe the same batch; each record names the batch by a digest. With
+`probe.batch_sharpness_batches: K` the prober also draws, for every snapshot, K
+fresh batches of `replay.batch_size` from the replay table, for the batch sharpness.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import numpy as np
 from eosrl.agents import replay
 from eosrl.agents.builder import Builder
 from eosrl.agents.config import Config
-from eosrl.agents.probes import Prober
+from eosrl.agents.probes import Prober, draw_sharpness_batches
 from eosrl.launch.channels import SnapshotQueue, connect, while_server_answers
 from eosrl.launch.lifeline import Stop, stop_on_signals
 from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics
@@ -96,7 +98,12 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
                     batch = replay.sample_items(client, config.probe.batch_size, builder.signature())
                     if config.probe.batch == "fixed":
                         save_probe_batch(rdir.path, batch)
-                record = prober.probe(snap, learner.preprocess(batch))
+                # The batch-sharpness batches (probe.batch_sharpness_batches; none by default) are
+                # fresh for every snapshot, of the training batch size, drawn like the probe batch.
+                sharpness_batches = draw_sharpness_batches(
+                    config.probe.batch_sharpness_batches, config.replay.batch_size,
+                    lambda n: replay.sample_items(client, n, builder.signature()), learner.preprocess)
+                record = prober.probe(snap, learner.preprocess(batch), sharpness_batches)
                 metrics.write("probe", snap.step, env_steps=snap.env_steps, batch_digest=batch_digest(batch),
                               snapshot_key=str(key), **{k: v for k, v in record.items() if k not in ("kind", "step")})
                 queue.done(key)

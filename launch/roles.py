@@ -3,7 +3,8 @@
   replay-server  Reverb server with the `replay` table (SampleToInsertRatio limiter)
                  and the `params` table; restores the replay snapshot paired with the
                  learner's checkpoint on resume; loads the dataset of an offline regime
-  actor          its own env and seed, ε-greedy, writes steps, reads `params`
+  actor          its own envs (distributed.envs_per_actor, stepped together) and
+                 seeds, ε-greedy, writes steps, reads `params`
   learner        the learner loop of `eosrl train` (launch/learning.py) on batches
                  from the rate-limited table; publishes params, writes checkpoints
   evaluator      reads `params`, runs evaluation episodes on a schedule
@@ -24,7 +25,7 @@ import jax
 import reverb
 
 from eosrl.agents import replay
-from eosrl.agents.builder import Builder, actor_seed, actor_shares
+from eosrl.agents.builder import Builder, actor_shares
 from eosrl.agents.config import Config
 from eosrl.launch import resume
 from eosrl.launch.channels import (ParamsChannel, SnapshotQueue, connect, inserted_steps,
@@ -90,38 +91,44 @@ def probes_in_process(config: Config) -> bool:
 
 def run_actor(config: Config, address: str, actor_id: int, num_actors: int,
               steps: Optional[int], run_dir: Optional[Path], start_step: int = 0) -> int:
-    """Steps the env from `start_step` (a resumed share) until `steps` (default:
-    this actor's share of run.total_env_steps)."""
+    """Steps the actor's `distributed.envs_per_actor` envs from `start_step` (a resumed
+    share) until `steps` (default: this actor's share of run.total_env_steps); both
+    count the env steps of all its envs. Writes an `actor` record per finished episode
+    (`env`: which of its envs) and reads `params` every `param_refresh_steps` env steps."""
     builder = Builder(config)
     client = connect(address)
     if steps is None:
         steps = actor_shares(config.run.total_env_steps, 0, num_actors)[actor_id][1]
-    adder = builder.make_adder(client)
-    actor = builder.make_actor(adder, actor_seed(config.run.seed, actor_id, start_step),
-                               epsilon=builder.epsilon(actor_id, num_actors))
+    adders = builder.make_env_adders(client, config.distributed.envs_per_actor)
+    actor = builder.make_vector_actor(adders, actor_id, num_actors, start_step)
     channel = ParamsChannel(client, builder.network.init(jax.random.PRNGKey(0)))
     metrics = MetricsWriter(RunDir(run_dir), tensorboard=False) if run_dir else None
-    actor.steps = start_step  # the ε schedule continues where this share stopped
+    refresh = config.distributed.param_refresh_steps
+    actor.steps = start_step  # the ε schedules continue where this share stopped
     start = time.time()
     with stop_on_signals():
         try:
             params, net_state, learner_step, _ = channel.fetch()
             actor.update_params(params, net_state)
             while actor.steps < steps:
-                if actor.step() and metrics is not None:
-                    metrics.write("actor", learner_step, actor=actor_id, env_steps=actor.steps,
-                                  episode_return=actor.stats.returns[-1],
-                                  episode_length=actor.stats.lengths[-1],
-                                  epsilon=actor.epsilon(actor.steps),
-                                  env_steps_per_second=(actor.steps - start_step) / (time.time() - start))
-                if actor.steps % config.distributed.param_refresh_steps == 0:
+                before = actor.steps
+                ended = actor.step(min(actor.num_envs, steps - actor.steps))  # the share, exactly
+                if metrics is not None:
+                    for env in ended:
+                        stats = actor.stats[env]
+                        metrics.write("actor", learner_step, actor=actor_id, env=env, env_steps=actor.steps,
+                                      episode_return=stats.returns[-1], episode_length=stats.lengths[-1],
+                                      epsilon=actor.epsilon(env),
+                                      env_steps_per_second=(actor.steps - start_step) / (time.time() - start))
+                if actor.steps // refresh > before // refresh:
                     params, net_state, learner_step, _ = channel.fetch()
                     actor.update_params(params, net_state)
-            adder.flush()
+            adders[0].flush()  # the adders share one writer
         except Stop:
             pass
         finally:
-            adder.close()
+            for adder in adders:
+                adder.close()
             if metrics is not None:
                 metrics.close()
     return 0

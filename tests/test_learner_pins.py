@@ -1,9 +1,12 @@
-"""Learner updates over a fixed sequence of batches give bit-identical parameters
-to the ones pinned in tests/data/learner_pins.json (written by this file's
-`pins()` before the builder refactor of issue 13). A change that alters the
-arithmetic of an update, even by one ulp, fails here; re-pin only on purpose.
+"""Learner updates over a fixed sequence of batches give the parameters pinned in
+tests/data/learner_pins.json (written by this file's `pins()`; first before the
+builder refactor of issue 13). Each leaf is pinned by three float64 moments (its
+sum, its sum of squares, and its sum weighted by position) and compared to 1e-5
+relative (1e-6 absolute): a change to the arithmetic of an update moves them far more, while XLA's
+CPU code, which differs between processors (AVX-512 or not), moves them by ulps.
+Bit-identical digests failed on an AMD EPYC with the SN case pinned on another
+CPU, with the code unchanged. Re-pin only on purpose.
 """
-import hashlib
 import json
 
 import jax
@@ -35,10 +38,14 @@ def _batches(spec, batch_size, rng):
                "discount": (0.99 * (rng.random(batch_size) > 0.1)).astype(np.float32)}
 
 
-def _digest(tree):
+def _moments(tree):
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): hashlib.sha256(np.asarray(leaf).tobytes()).hexdigest()[:16]
-            for path, leaf in leaves}
+    moments = {}
+    for path, leaf in leaves:
+        x = np.asarray(leaf, np.float64).ravel()
+        position = np.linspace(1.0, 2.0, x.size) if x.size > 1 else np.ones(1)
+        moments[jax.tree_util.keystr(path)] = [float(x.sum()), float((x * x).sum()), float((x * position).sum())]
+    return moments
 
 
 def pins(name):
@@ -51,15 +58,20 @@ def pins(name):
     for batch in _batches(parts.spec, 16, np.random.default_rng(7)):
         learner.update(batch)
     state = learner.state
-    return {"params": _digest(state.params), "target_params": _digest(state.target_params),
-            "net_state": _digest(state.net_state), "opt_state": _digest(state.opt_state),
+    return {"params": _moments(state.params), "target_params": _moments(state.target_params),
+            "net_state": _moments(state.net_state), "opt_state": _moments(state.opt_state),
             "step": int(state.step)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_learner_updates_are_bit_identical_to_the_pins(name):
     expected = json.loads(PINS.read_text())[name]
-    assert pins(name) == expected
+    got = pins(name)
+    assert got["step"] == expected["step"]
+    for tree in ("params", "target_params", "net_state", "opt_state"):
+        assert sorted(got[tree]) == sorted(expected[tree]), tree
+        for leaf, moments in expected[tree].items():
+            np.testing.assert_allclose(got[tree][leaf], moments, rtol=1e-5, atol=1e-6, err_msg=f"{tree} {leaf}")
 
 
 if __name__ == "__main__":  # writes the pins: python tests/test_learner_pins.py

@@ -24,7 +24,7 @@ def test_probes_during_training_and_fixed_batch_survives_resume(tmp_path):
             "run.total_env_steps=1500", "replay.min_size=500", "run.eval_every=0",
             "run.eval_episodes=1", "agent.optimizer.name=sgd", "agent.optimizer.lr=0.01",
             "agent.optimizer.momentum=0.9", "run.log_every=250", "probe.trace_every=100",
-            "probe.geometric_complexity_every=200"]
+            "probe.geometric_complexity_every=200", "probe.batch_sharpness_batches=2"]
     config = load_config(CONFIGS / "dqn_cartpole.yaml", sets)
     summary = train(config, run_dir, progress=False)
     probes = list(read_metrics(run_dir / "metrics.jsonl", "probe"))
@@ -36,6 +36,10 @@ def test_probes_during_training_and_fixed_batch_survives_resume(tmp_path):
         assert abs(p["threshold"] - (2 + 2 * 0.9) / 0.01) < 1e-6   # heavy ball (2+2β)/η
         assert p["sharpness"] == p["eigenvalues"][0]
         assert "trace" in p and ("geometric_complexity" in p) == (p["step"] % 200 == 0)  # the extras' own `every`
+        # Batch sharpness on 2 fresh batches of the training batch size (replay.batch_size 64).
+        assert p["batch_sharpness_batches"] == 2 and p["batch_sharpness_batch_size"] == 64
+        assert np.isfinite([p["batch_sharpness"], p["batch_lambda_max"]]).all()
+        assert p["batch_sharpness_over_threshold"] == pytest.approx(p["batch_sharpness"] / p["threshold"])
     assert [p["warm_start"] for p in probes] == [False] + [True] * (len(probes) - 1)
 
     parts = Builder(config)

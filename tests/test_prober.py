@@ -102,7 +102,7 @@ def test_prober_process_in_an_offline_launch(dataset, tmp_path):
     run_dir, every, total = tmp_path / "run", 500, 8000
     launcher = subprocess.Popen(_offline(dataset, run_dir, f"run.total_updates={total}", f"probe.every={every}",
                                          "probe.max_queued=4", f"run.checkpoint_every={every}",
-                                         "run.keep_checkpoints=100"),
+                                         "run.keep_checkpoints=100", "probe.batch_sharpness_batches=1"),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _probes(run_dir), 180, "the first probe record")
@@ -130,7 +130,10 @@ def test_prober_process_in_an_offline_launch(dataset, tmp_path):
     for record, inline in zip(records, _inline_probes_of_the_same_snapshots(run_dir, records)):
         np.testing.assert_allclose(record["eigenvalues"], inline["eigenvalues"], rtol=1e-5)
         np.testing.assert_allclose(record["residuals"], inline["residuals"], rtol=1e-3, atol=1e-6)
-        assert record["hvps"] == inline["hvps"] and record["converged"] == inline["converged"]
+        assert record["converged"] == inline["converged"]
+        # The batch sharpness, on a fresh replay batch of the training size (not repeatable inline).
+        assert record["batch_sharpness_batch_size"] == 64 and np.isfinite(record["batch_sharpness"])
+        assert record["hvps"] - record["batch_hvps"] == inline["hvps"]
         assert record["grad_norm"] == pytest.approx(inline["grad_norm"], rel=1e-5)
 
     result = subprocess.run(eosrl("launch", "--resume", str(run_dir), "--no-progress",
@@ -174,3 +177,53 @@ def test_a_restarted_prober_records_each_snapshot_once(tmp_path):
         assert queue.waiting() == 0
     finally:
         server.stop()
+
+
+def test_the_prober_measures_batch_sharpness_on_fresh_batches(tmp_path, monkeypatch):
+    """probe.batch_sharpness_batches in the prober process: K fresh batches of the training
+    batch size drawn from replay for each snapshot, measured by the Prober (whose values the
+    dense tests of test_probes.py check)."""
+    import reverb
+    from eosrl.agents import replay
+    from eosrl.launch.channels import SnapshotQueue
+    from eosrl.launch.prober import run_prober, save_probe_batch
+    config = load_config(CONFIGS / "dqn_cartpole.yaml", PROBE + [
+        "probe.every=10", "probe.num_eigs=2", "probe.batch_sharpness_batches=2", "replay.batch_size=16",
+        "agent.hidden_sizes=[16, 16]"])
+    builder = Builder(config)
+    rng = np.random.default_rng(0)
+
+    def random_items(n):
+        return {key: rng.normal(size=value.shape).astype(value.dtype) if value.dtype.kind == "f"
+                else np.zeros_like(value) for key, value in builder.batch_template(n).items()}
+
+    drawn = []
+
+    def sample_items(client, count, signature, table=replay.REPLAY_TABLE):  # replay's items, without a table
+        assert table == replay.REPLAY_TABLE and sorted(signature) == sorted(builder.signature())
+        drawn.append(count)
+        return batches.pop(0)
+
+    batches = [random_items(16) for _ in range(2)]
+    monkeypatch.setattr(replay, "sample_items", sample_items)
+    server = replay.start_server([replay.probe_table(config.probe.max_queued)])
+    try:
+        client = reverb.Client(f"localhost:{server.port}")
+        queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
+        learner = builder.make_learner()
+        snapshot = Prober(config.probe, learner).snapshot(learner.state, 0.01, 0)._replace(step=10)
+        assert queue.offer(snapshot) and queue.close()
+        rdir = RunDir(tmp_path).create()
+        probe_batch = random_items(128)
+        save_probe_batch(rdir.path, probe_batch)
+        assert run_prober(config, f"localhost:{server.port}", rdir.path) == 0
+    finally:
+        server.stop()
+    assert drawn == [16, 16]  # the fixed probe batch came from its file
+    (record,) = read_metrics(rdir.metrics, "probe")
+    assert record["step"] == 10 and record["batch_sharpness_batches"] == 2
+    assert record["batch_sharpness_batch_size"] == 16
+    for key in ("batch_sharpness", "batch_lambda_max", "batch_sharpness_over_threshold",
+                "batch_lambda_max_over_threshold"):
+        assert np.isfinite(record[key]) and record[key] > 0, key
+    assert 0 < record["batch_hvps"] < record["hvps"]

@@ -1,13 +1,17 @@
 """Tests of launch/study/stats.py, the across-seed statistics of a study report
 (Agarwal et al., 2021): the interquartile mean, the stratified bootstrap's
-percentile interval and fraction_above. Expected values are worked out by hand in
-the comments, not recomputed with the code under test."""
+percentile interval and fraction_above; and the per-run numbers the report
+aggregates (fraction_within, first_at_or_above, median_with_never). Expected values
+are worked out by hand in the comments, not recomputed with the code under test."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from eosrl.launch.study.stats import fraction_above, iqm, stratified_bootstrap_ci
+import math
+
+from eosrl.launch.study.stats import (first_at_or_above, fraction_above, fraction_within, iqm,
+                                      median_with_never, stratified_bootstrap_ci)
 
 
 def test_iqm_of_one_to_eight_is_mean_of_middle_half():
@@ -131,3 +135,29 @@ def test_fraction_above_pools_2d_and_counts_nan_as_not_above():
 def test_fraction_above_rejects_empty():
     with pytest.raises(ValueError):
         fraction_above(np.array([]), 0.0)
+
+
+def test_fraction_within_is_closed_and_counts_nan_as_outside():
+    # [0.9, 1.1]: 0.9 and 1.1 are inside, 0.89 and 1.2 and NaN are not -> 3 of 6 (with 1.0).
+    values = np.array([0.9, 1.1, 0.89, 1.2, np.nan, 1.0])
+    assert fraction_within(values, 0.9, 1.1) == pytest.approx(0.5)
+    assert fraction_within(values, 0.9, math.inf) == pytest.approx(4 / 6)  # "at least 0.9"
+    with pytest.raises(ValueError):
+        fraction_within(np.array([]), 0.0, 1.0)
+
+
+def test_first_at_or_above():
+    steps, values = [100, 200, 300, 400], [0.5, math.nan, 0.9, 2.0]
+    assert first_at_or_above(steps, values, 0.9) == 300  # NaN is never at or above
+    assert first_at_or_above(steps, values, 3.0) is None
+    assert first_at_or_above([], [], 0.0) is None
+
+
+def test_median_with_never():
+    # 300, 500, never -> 500; 300, never, never -> never; two seeds, one never -> never.
+    assert median_with_never([500, 300, None]) == 500
+    assert median_with_never([300, None, None]) == math.inf
+    assert median_with_never([300, None]) == math.inf
+    assert median_with_never([300, 500]) == 400
+    with pytest.raises(ValueError):
+        median_with_never([])

@@ -1,12 +1,14 @@
-"""Tests of `eosrl study` (launch.study): grid expansion and run names, substitution,
-planning, skipping finished runs, the runner's handling of failed and diverged
-runs (with stand-in commands instead of training), the report from hand-written
-run dirs, and the small MinAtar regimes study end to end."""
+"""Tests of `eosrl study` (launch.study): grid expansion and run names, seeds,
+substitution, planning, skipping finished runs, the runner's handling of failed and
+diverged runs (with stand-in commands instead of training), the report and its
+across-seed numbers from hand-written run dirs, and the small MinAtar step-size sweep
+end to end."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -173,14 +175,107 @@ def test_plan_refuses_bad_keys_and_references(tmp_path):
         plan(tmp_path, {"name": "x", "base": CARTPOLE, "stages": [{"name": "a", "grids": {}}]})
 
 
+SEEDED = {
+    "name": "seeded", "base": CARTPOLE, "seeds": 2,
+    "stages": [
+        {"name": "record", "runs": [{"name": "collect", "set": {"replay.record_to": "{run_dir}/dataset"}}]},
+        {"name": "regimes", "grid": {"agent.kind": ["dqn", "c51"],
+                                     "regime": [{"label": "offline", "mode": "offline",
+                                                 "dataset": "{run:collect}/dataset", "run.total_updates": 300}]}},
+    ],
+}
+
+
+def test_seeds_copy_every_run_and_each_seed_reads_its_own_dataset(tmp_path):
+    specs = plan(tmp_path, SEEDED)
+    out = (tmp_path / "out").resolve()
+    assert [s.key for s in specs] == [
+        "record/collect_seed-0", "record/collect_seed-1",
+        "regimes/dqn_offline_seed-0", "regimes/dqn_offline_seed-1",
+        "regimes/c51_offline_seed-0", "regimes/c51_offline_seed-1"]
+    assert [s.seed for s in specs] == [0, 1] * 3 and [s.config.run.seed for s in specs] == [0, 1] * 3
+    assert [s.group for s in specs] == ["collect"] * 2 + ["dqn_offline"] * 2 + ["c51_offline"] * 2
+    assert specs[3].values == {"agent.kind": "dqn", "regime": "offline", "run.seed": "1"}
+    # The rule: a run with seeds named without its seed is its copy with the same seed.
+    for spec in specs[2:]:
+        assert spec.overrides["regime.dataset"] == str(out / "record" / f"collect_seed-{spec.seed}" / "dataset")
+        assert spec.deps == [f"record/collect_seed-{spec.seed}"]
+    assert specs[1].overrides["replay.record_to"] == str(out / "record" / "collect_seed-1" / "dataset")
+
+
+def test_seeds_per_stage_shared_dataset_and_explicit_copies(tmp_path):
+    # A stage's seeds replace the study's; `seeds: null` runs a stage once: then every seed
+    # of a later stage reads that one run.
+    shared = {**SEEDED, "seeds": [3, 7], "stages": [{**SEEDED["stages"][0], "seeds": None}, SEEDED["stages"][1]]}
+    specs = plan(tmp_path, shared)
+    assert [s.name for s in specs[:3]] == ["collect", "dqn_offline_seed-3", "dqn_offline_seed-7"]
+    assert specs[0].seed is None and specs[0].group == "collect"
+    assert {s.overrides["regime.dataset"] for s in specs[1:]} == {str((tmp_path / "out" / "record" / "collect" / "dataset").resolve())}
+    # One copy can always be named in full, e.g. from a stage without seeds.
+    one = {**SEEDED, "seeds": None, "stages": [
+        {**SEEDED["stages"][0], "seeds": [0, 1]},
+        {"name": "b", "runs": [{"name": "r", "set": {"regime.mode": "offline", "run.total_updates": 10,
+                                                     "regime.dataset": "{run:collect_seed-1}/dataset"}}]}]}
+    r = plan(tmp_path, one)[-1]
+    assert r.key == "b/r" and r.deps == ["record/collect_seed-1"] and r.seed is None
+
+
+@pytest.mark.parametrize("change,message", [
+    # A stage without seeds cannot pick a copy for itself.
+    ({"stages": [{**SEEDED["stages"][0], "seeds": 2}, {**SEEDED["stages"][1], "seeds": None}]},
+     r"\{run:collect\} names a run with seeds 0, 1 .*this run has no seed, so name one copy, e\.g\. \{run:collect_seed-0\}"),
+    # A seed the recording does not have.
+    ({"stages": [{**SEEDED["stages"][0], "seeds": [0, 1]}, {**SEEDED["stages"][1], "seeds": 3}]},
+     r"stages\[1\] run dqn_offline_seed-2: regime.dataset: \{run:collect\} names a run with seeds 0, 1 .*"
+     r"seed 2 is not one of them"),
+    ({"seeds": 2, "set": {"run.seed": 5}}, r"run collect gets its seed from both 'seeds' and 'run.seed'"),
+])
+def test_seed_references_that_cannot_resolve_are_refused(tmp_path, change, message):
+    with pytest.raises(st.StudyError, match=message):
+        plan(tmp_path, {**SEEDED, **change})
+
+
+@pytest.mark.parametrize("seeds", [0, -1, [], [1, 1], [True], "3", 1.5, [0, -2], True])
+def test_bad_seeds_are_refused_with_what_is_valid(tmp_path, seeds):
+    with pytest.raises(st.StudyError, match=r"seeds: expected a count N >= 1 \(seeds 0..N-1\) or a non-empty "
+                                            r"list of distinct integers >= 0, got"):
+        st.load_study(write_study(tmp_path, {**SEEDED, "seeds": seeds}))
+    stage = {**SEEDED, "seeds": None, "stages": [{**SEEDED["stages"][0], "seeds": seeds}]}
+    with pytest.raises(st.StudyError, match=r"stages\[0\]\.seeds: expected a count N >= 1"):
+        plan(tmp_path, stage)
+
+
+def test_a_run_seed_grid_axis_groups_like_seeds(tmp_path):
+    specs = plan(tmp_path, {"name": "x", "base": CARTPOLE, "stages": [
+        {"name": "a", "grid": {"agent.kind": ["dqn"], "run.seed": [4, 5], "agent.double_q": [True]}}]})
+    assert [(s.name, s.group, s.seed) for s in specs] == [("dqn_seed-4_double_q-true", "dqn_double_q-true", 4),
+                                                          ("dqn_seed-5_double_q-true", "dqn_double_q-true", 5)]
+
+
 @pytest.mark.parametrize("path", sorted((CONFIGS / "studies").glob("*.yaml")), ids=lambda p: p.name)
 @pytest.mark.slow
 def test_shipped_studies_plan(path, tmp_path):
     specs = st.plan_study(st.load_study(path), path, tmp_path)
-    kinds = {(s.config.agent.kind, s.values.get("regime")) for s in specs if s.stage == "regimes"}
-    assert len(kinds) == 10  # DQN and C51 in five regimes
-    assert all(s.deps == ["record/collect"] for s in specs if s.config.regime.mode == "offline")
     assert specs[0].config.replay.record_to.startswith(str(tmp_path))
+    if path.name.startswith("eos_regimes"):
+        kinds = {(s.config.agent.kind, s.values.get("regime")) for s in specs if s.stage == "regimes"}
+        assert len(kinds) == 10  # DQN and C51 in five regimes
+        assert all(s.deps == ["record/collect"] for s in specs if s.config.regime.mode == "offline")
+        return
+    # The step-size sweeps: DQN and C51 × step sizes × regimes × seeds, SGD with heavy-ball
+    # momentum 0.8, probes on; offline seed s reads the dataset recorded with seed s.
+    full = path.name == "eos_lr_sweep_minatar.yaml"
+    seeds, lrs, modes = (([0, 1, 2], [0.008, 0.016, 0.032, 0.064], ("offline", "online")) if full
+                         else ([0, 1], [0.016, 0.064], ("offline",)))
+    sweep = [s for s in specs if s.stage == "sweep"]
+    assert len(specs) == len(seeds) + len(sweep) and len(sweep) == 2 * len(lrs) * len(modes) * len(seeds)
+    assert {(s.config.agent.kind, s.config.agent.optimizer.lr, s.config.regime.mode, s.seed) for s in sweep} == \
+        {(k, lr, m, seed) for k in ("dqn", "c51") for lr in lrs for m in modes for seed in seeds}
+    for s in sweep:
+        opt = s.config.agent.optimizer
+        assert (opt.name, opt.momentum, opt.nesterov, s.config.probe.enabled, s.config.run.seed) == \
+            ("sgd", 0.8, False, True, s.seed)
+        assert s.deps == ([f"record/collect_seed-{s.seed}"] if s.config.regime.mode == "offline" else [])
 
 
 # ----------------------------------------------------------------------------
@@ -352,7 +447,7 @@ def test_report_from_synthetic_run_dirs(tmp_path):
     assert failed[3] == "failed" and failed[8] == "3"
     assert "regimes/c51_offline-first/train.log" in text  # the failed run's log is named
     assert rows["[collect](record/collect)"][4] == "25.00"
-    for png in ("sharpness_by_regime.png", "final_returns.png"):
+    for png in ("sharpness_over_threshold.png", "final_returns.png"):
         assert f"](plots/{png})" in text
         assert (tmp_path / "out" / "plots" / png).stat().st_size > 5_000
 
@@ -363,29 +458,147 @@ def test_report_without_probes_or_returns_says_so(tmp_path):
     text = st.write_report(st.load_study(path), path, tmp_path / "out", specs, {}).read_text()
     assert "| a | [r](a/r) | – | not run |" in text
     assert text.count("no data to plot") == 2
+    assert "Every group has one run, so there is nothing to aggregate" in text
 
 
 # ----------------------------------------------------------------------------
-# End to end (about 3 minutes on 2 cores with --parallel 2).
+# Across seeds: 2 groups × 3 seeds of hand-written run dirs, checked against numbers
+# worked out by hand. Threshold 400, so λ₁ 360 and 440 are exactly 0.9 and 1.1 of it.
+
+
+def probes(*sharpness, batch=None):
+    """Probe records every 100 updates, as the prober writes them (NaN as "nan")."""
+    out = []
+    for i, value in enumerate(sharpness):
+        r = {"kind": "probe", "step": 100 * (i + 1), "sharpness": value, "threshold": 400.0,
+             "eigenvalues": [value], "sharpness_over_threshold": value if value == "nan" else value / 400.0}
+        if batch is not None:
+            r["batch_sharpness"] = batch[i]
+        out.append(r)
+    return out
+
+
+def ended(step, status, final=None):
+    return [{"kind": "event", "step": step, "event": "learner_finished", "status": status},
+            finished(step, status, final=final)]
+
+
+SEED_RUNS = {
+    # dqn: λ₁/threshold 0.5 0.95 1.05 1.2 0.8 | 0.3 0.6 0.92 1.0 1.08 | 0.2 0.4 0.5 0.6 0.7.
+    # batch_sharpness = the threshold at every probe of every seed.
+    "dqn_seed-0": probes(200, 380, 420, 480, 320, batch=[400] * 5) + ended(500, "completed", 10.0),
+    "dqn_seed-1": probes(120, 240, 368, 400, 432, batch=[400] * 5) + ended(500, "completed", 16.0),
+    "dqn_seed-2": probes(80, 160, 200, 240, 280, batch=[400] * 5) + ended(500, "completed", 4.0),
+    # c51: seed 0 diverges after 2 probes (its last periodic evaluation, 2.0, is its return);
+    # seed 1: 0.9 1.1 1.2 (the band's edges count as inside); seed 2: 0.5 0.95 0.5.
+    "c51_seed-0": probes(40, 80, "nan") + [{"kind": "eval", "step": 100, "return_mean": 1.0},
+                                           {"kind": "eval", "step": 200, "return_mean": 2.0},
+                                           {"kind": "event", "step": 250, "event": "divergence"}]
+    + ended(250, "diverged"),
+    "c51_seed-1": probes(360, 440, 480) + ended(300, "completed", 7.0),
+    "c51_seed-2": probes(200, 380, 200) + ended(300, "completed", 3.0),
+}
+
+
+def table_rows(text: str, heading: str):
+    """{group: cells} of the table under the markdown heading `heading`."""
+    lines = text.split(f"### {heading}\n", 1)[1].strip("\n").split("\n\n", 1)[0].splitlines()
+    return {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]}
+
+
+def test_across_seed_numbers_match_hand_computed_ones(tmp_path):
+    path = write_study(tmp_path, {"name": "seeds", "base": CARTPOLE, "seeds": 3,
+                                  "stages": [{"name": "s", "grid": {"agent.kind": ["dqn", "c51"]}}]})
+    specs = st.plan_study(st.load_study(path), path, tmp_path / "out")
+    for spec in specs:
+        write_metrics(spec.run_dir, SEED_RUNS[spec.name])
+    text = st.write_report(st.load_study(path), path, tmp_path / "out", specs, {}).read_text()
+
+    # Final return. IQM of 3 values cuts int(0.75) = 0 from each end: the mean. The 95 %
+    # interval of 3 seeds is their range: a resample of only the lowest (highest) seed has
+    # probability 1/27 = 3.7 % > 2.5 %, so with 2000 resamples (bootstrap seed 0) both
+    # percentiles fall on such resamples.
+    returns = table_rows(text, "Final evaluation return")
+    assert returns["dqn"][3:] == ["3/3", "10.00 [4.00, 16.00]", "s0 10.00, s1 16.00, s2 4.00"]  # (10+16+4)/3
+    assert returns["c51"][3:] == ["3/3", "4.00 [2.00, 7.00]", "s0 2.00 (div.), s1 7.00, s2 3.00"]  # (2+7+3)/3
+
+    sharp = table_rows(text, "λ₁ relative to the stability threshold")
+    # dqn. Reached (≥ 0.9): 3/5, 3/5, 0/5 -> IQM 0.4 in [0, 0.6].
+    # At the edge (0.9-1.1): 0.95 1.05 -> 2/5; 0.92 1.0 1.08 -> 3/5; none -> 0 -> IQM 1/3 in [0, 0.6].
+    # First probe ≥ 0.9: 200, 300, never -> median 300. Peaks 1.2, 1.08, 0.7 -> 2.98 / 3.
+    assert sharp["dqn"][3:] == ["3/3", "5, 5, 5", "0.99 [0.70, 1.20]", "0.40 [0.00, 0.60]", "0.33 [0.00, 0.60]",
+                                "300 (s0 200, s1 300, s2 never)", "0/3"]
+    # c51. Reached: 0/3 (NaN is not), 3/3, 1/3 -> IQM 4/9 in [0, 1]. At the edge: 0, 2/3
+    # (0.9 and 1.1 are inside), 1/3 -> IQM 1/3 in [0, 2/3]. First: never, 100, 200 -> 200.
+    # Peaks: 0.2 (the NaN is left out), 1.2, 0.95 -> 2.35 / 3.
+    assert sharp["c51"][3:] == ["3/3", "3, 3, 3", "0.78 [0.20, 1.20]", "0.44 [0.00, 1.00]", "0.33 [0.00, 0.67]",
+                                "200 (s0 never, s1 100, s2 200)", "1/3"]
+    # Batch sharpness: only dqn's probes have it; every one is at the threshold (ratio 1).
+    batch = table_rows(text, "Batch sharpness relative to the stability threshold")
+    assert list(batch) == ["dqn"]
+    assert batch["dqn"][3:] == ["3/3", "5, 5, 5", "1.00 [1.00, 1.00]", "1.00 [1.00, 1.00]", "1.00 [1.00, 1.00]",
+                                "100 (s0 100, s1 100, s2 100)", "0/3"]
+    # The report says which return, which probes and which median it means.
+    for definition in ("the `final_eval_return` of its `finished` event", "the fraction of *all* its probes",
+                       "counts *never* as later than any update", "band: min–max over seeds"):
+        assert definition in text
+    for png in ("sharpness_over_threshold.png", "batch_sharpness_over_threshold.png", "final_returns.png"):
+        assert f"](plots/{png})" in text and (tmp_path / "out" / "plots" / png).stat().st_size > 5_000
+
+
+def test_report_without_batch_sharpness_has_no_batch_table(tmp_path):
+    path = write_study(tmp_path, {"name": "seeds", "base": CARTPOLE, "seeds": [0, 1],
+                                  "stages": [{"name": "s", "runs": [{"name": "r"}]}]})
+    specs = st.plan_study(st.load_study(path), path, tmp_path / "out")
+    write_metrics(specs[0].run_dir, probes(100, 400) + ended(200, "completed", 1.0))
+    write_metrics(specs[1].run_dir, probes(100) + ended(200, "completed", 3.0))
+    text = st.write_report(st.load_study(path), path, tmp_path / "out", specs, {}).read_text()
+    # 2 seeds: the IQM is the mean 2; a resample of one seed twice has probability 1/4.
+    assert table_rows(text, "Final evaluation return")["r"][3:5] == ["2/2", "2.00 [1.00, 3.00]"]
+    # Seed 0: 0.25 and 1.0 -> reached 1/2, at the edge 1/2; seed 1: 0.25 -> 0, 0.
+    assert table_rows(text, "λ₁ relative to the stability threshold")["r"][3:5] + \
+        table_rows(text, "λ₁ relative to the stability threshold")["r"][6:8] == \
+        ["2/2", "2, 1", "0.25 [0.00, 0.50]", "0.25 [0.00, 0.50]"]
+    assert "Batch sharpness" not in text and "batch_sharpness_over_threshold.png" not in text
+
+
+# ----------------------------------------------------------------------------
+# End to end (about 3 minutes on 2 cores with --parallel 2). The step-size sweep's small
+# variant replaced the regimes one here (eos_regimes_minatar_small.yaml is still planned
+# by test_shipped_studies_plan): it runs the same pipeline, and seeds and the across-seed
+# report besides, in the same time.
 
 
 @pytest.mark.slow
-def test_small_regimes_study_end_to_end(tmp_path):
-    path = CONFIGS / "studies" / "eos_regimes_minatar_small.yaml"
+def test_small_lr_sweep_study_end_to_end(tmp_path):
+    path = CONFIGS / "studies" / "eos_lr_sweep_minatar_small.yaml"
     out = tmp_path / "study"
     result = st.run_study(path, parallel=2, out=out, echo=lambda line: None)
     rows = result["rows"]
-    assert len(rows) == 11
+    assert len(rows) == 10  # 2 recordings, DQN and C51 × 2 step sizes × 2 seeds offline
     bad = [(r["stage"], r["run"], r["status"]) for r in rows if r["status"] not in st.FINISHED]
     assert not bad, f"runs did not finish: {bad}; logs in {out}"
     text = (out / "report.md").read_text()
     for r in rows:
         assert f"[{r['run']}]({r['stage']}/{r['run']})" in text
-    probed = [r for r in rows if r["stage"] == "regimes"]
+    probed = [r for r in rows if r["stage"] == "sweep"]
     assert all(r["probes"] >= 3 and r["max_sharpness"] is not None for r in probed)
-    assert (out / "record" / "collect" / "dataset").is_dir()
-    assert (out / "plots" / "sharpness_by_regime.png").is_file()
+    for seed in (0, 1):  # each seed recorded its own dataset, and its offline runs read it
+        assert (out / "record" / f"collect_seed-{seed}" / "dataset").is_dir()
+        assert f"regime.dataset={out.resolve()}/record/collect_seed-{seed}/dataset" in text
+    # The aggregated tables: a row per group of 2 seeds, every number filled in.
+    returns = table_rows(text, "Final evaluation return")
+    sharp = table_rows(text, "λ₁ relative to the stability threshold")
+    groups = [f"{k}_lr-{lr}_offline" for k in ("dqn", "c51") for lr in ("0.016", "0.064")]
+    assert list(returns) == ["collect"] + groups and list(sharp) == groups
+    for group in groups:
+        assert returns[group][3] == "2/2" and re.fullmatch(r"[-\d.]+ \[[-\d.]+, [-\d.]+\]", returns[group][4])
+        assert sharp[group][3] == "2/2" and sharp[group][-1] == "0/2"
+        assert all(int(n) >= 3 for n in sharp[group][4].split(", "))  # probes per seed
+        assert all(re.fullmatch(r"[\d.]+ \[[\d.]+, [\d.]+\]", cell) for cell in sharp[group][5:8])
+    for png in ("sharpness_over_threshold.png", "final_returns.png"):
+        assert (out / "plots" / png).stat().st_size > 5_000
     # A second invocation only rebuilds the report.
     lines = []
     st.run_study(path, out=out, echo=lines.append)
-    assert sum("skipped, already finished" in line for line in lines) == 11
+    assert sum("skipped, already finished" in line for line in lines) == 10

@@ -19,10 +19,15 @@ the trimming is written out exactly as `scipy.stats.trim_mean` does it.
 
 Layout: scores are [runs, tasks] as in rliable — runs are seeds, tasks are the
 games or settings the aggregate is taken over. A 1-D array is a single task.
+
+Also the per-run numbers the report aggregates over seeds: the fraction of values in a
+band (probes within ±10 % of the threshold), the first step at which a series reaches
+a level, and a median of such times where some seeds never got there.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+import math
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -111,3 +116,29 @@ def fraction_above(values: np.ndarray, threshold: float) -> float:
     if flat.size == 0:
         raise ValueError("fraction_above of an empty array")
     return float(np.count_nonzero(flat > threshold) / flat.size)
+
+
+def fraction_within(values: np.ndarray, low: float, high: float) -> float:
+    """Fraction of entries in the closed interval [low, high] (e.g. probes with λ₁ within
+    ±10 % of the threshold: low 0.9, high 1.1). NaN entries count as outside."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if flat.size == 0:
+        raise ValueError("fraction_within of an empty array")
+    return float(np.count_nonzero((flat >= low) & (flat <= high)) / flat.size)
+
+
+def first_at_or_above(steps: Sequence[float], values: Sequence[float], level: float) -> Optional[float]:
+    """The first step (in the order given) whose value is >= level; None if none is (NaN never is)."""
+    for step, value in zip(steps, values):
+        if value >= level:  # False for NaN
+            return step
+    return None
+
+
+def median_with_never(values: Sequence[Optional[float]]) -> float:
+    """The median of per-seed event times where None means "never": it counts as later than
+    any time, so the median is inf ("never") when half or more of the seeds never got there
+    (with an even count, numpy's mean of the two middle values is inf if one is)."""
+    if not values:
+        raise ValueError("median_with_never of no values")
+    return float(np.median([math.inf if v is None else float(v) for v in values]))
