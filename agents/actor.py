@@ -169,22 +169,13 @@ class Actor:
     def update_params(self, params, net_state) -> None:
         self.params, self.net_state = params, net_state
 
-    def act(self) -> int:
-        """The action for the current observation (resetting the env first if needed)."""
+    def step(self) -> bool:
+        """One env step; returns True when it ended an episode."""
         obs = self._stream.observation(self._seed if self.steps == 0 else None)
         action, self._rng = self._policy(self.params, self.net_state, obs, self._rng,
                                          self.epsilon(self.steps))
-        return int(action)
-
-    def observe(self, action: int) -> bool:
-        """Steps the env with `action` (from `act`); returns True when it ended an episode.
-        `eosrl train` dispatches the due updates between the two, so they overlap the env step."""
         self.steps += 1
-        return self._stream.step(action)
-
-    def step(self) -> bool:
-        """One env step; returns True when it ended an episode."""
-        return self.observe(self.act())
+        return self._stream.step(int(action))
 
 
 class VectorActor:

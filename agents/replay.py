@@ -153,6 +153,19 @@ class _CellWriter:
         self._writer.close()  # idempotent: the adders sharing a writer each close it
 
 
+def _shared_keep_alive(envs: int, n_step: int, frame_stack: int, max_in_flight_items: int) -> int:
+    """Cells each column of a writer shared by `envs` envs keeps referable, which also caps
+    the length of Reverb's auto-tuned chunks; an item goes to the server only once its
+    chunks are complete. An item's oldest cell is at most n + stack cells back in its
+    env's frame column (the newest in the others): the least that works. An env's chunk
+    of L frames completes up to (L - 1)·envs items after an item in it; under half a wait
+    window, the waits seldom find items the server has not confirmed. Within those bounds
+    the lone adder's 2n + 2·stack + 2: longer chunks cost less to make and compress better
+    (benchmarks/README.md, note 4)."""
+    half_window = max(1, max_in_flight_items // 2)
+    return max(n_step + frame_stack, min(2 * n_step + 2 * frame_stack + 2, (half_window - 1) // envs + 1))
+
+
 class TransitionAdder:
     """Writes n-step transitions of one actor's episodes into the replay table.
 
@@ -198,11 +211,8 @@ class TransitionAdder:
                  table: str = REPLAY_TABLE, max_in_flight_items: int = MAX_IN_FLIGHT_ITEMS) -> List["TransitionAdder"]:
         """One adder per env of a vectorised actor, all writing through one Reverb writer
         (whose items, and so each env's, reach the table in the order they were made)."""
-        # An item's oldest cell is at most n + stack cells back in its env's frame column (the
-        # newest in the others). Reverb's chunks are at most that long, so an item waits
-        # for fewer of its env's steps before its chunks can go, and seldom for the server
-        # at a wait: twice as long (the lone adder's) cost a vectorised actor ~12 % (note 4).
-        writer = _CellWriter(client, table, max_in_flight_items, n_step + frame_stack)
+        writer = _CellWriter(client, table, max_in_flight_items,
+                             _shared_keep_alive(envs, n_step, frame_stack, max_in_flight_items))
         return [cls(client, n_step, discount, frame_stack, table, max_in_flight_items, _writer=writer, _env=env)
                 for env in range(envs)]
 

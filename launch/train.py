@@ -1,11 +1,10 @@
 """`eosrl train`: the roles of a run in one process, around an in-process Reverb
 server (model: Acme's `run_experiment` with its learning actor).
 
-The actor steps its env and writes to replay; at each env step the learner loop
-(launch/learning.py, the same loop as the distributed learner role) makes the
-updates the run's `Schedule` says are due, dispatched between the actor's choice
-of action and the env step so that the two overlap, and evaluates in-process
-where the distributed run has an evaluator role. Offline, there is no actor and the
+The actor steps its env and writes to replay; after each env step the learner
+loop (launch/learning.py, the same loop as the distributed learner role) makes
+the updates the run's `Schedule` says are due, and evaluates in-process where
+the distributed run has an evaluator role. Offline, there is no actor and the
 loop runs `run.total_updates`. Everything is built by agents/builder.py.
 """
 from __future__ import annotations
@@ -152,12 +151,7 @@ class _Run:
         self._tick = (time.time(), self.env_steps)
 
     def online_loop(self, progress: bool) -> str:
-        """Env steps until `run.total_env_steps`, with the updates due after each.
-
-        The action comes first, then the updates are dispatched and the env steps while
-        they run (JAX dispatches asynchronously): the next action, which needs their
-        parameters, is the first thing that waits for them. Batches come from replay's
-        prefetch, so an update never needed the step's own transition."""
+        """Env steps until `run.total_env_steps`; after each, the updates now due."""
         learner, total, actor = self.loop.learner, self.config.run.total_env_steps, self.actor
         assert actor is not None
         # Updates are due from where this run (re)started; an empty table warms up again.
@@ -166,16 +160,15 @@ class _Run:
         bar = _progress(progress, total, self.env_steps, "step")
         try:
             while self.env_steps < total:
-                action = actor.act()
-                due = base[0] + self.schedule.updates_due(self.env_steps + 1 - base[1], base[2])
+                if actor.step():
+                    self.episodes += 1
+                self.env_steps += 1
+                due = base[0] + self.schedule.updates_due(self.env_steps - base[1], base[2])
                 while learner.step < due and self.data.ready(self.config.replay.min_size):
                     status = self.loop.step()
                     if status is not None:
                         return status
                     actor.update_params(*learner.acting_params())
-                if actor.observe(action):
-                    self.episodes += 1
-                self.env_steps += 1
                 if bar is not None and self.env_steps % 100 == 0:
                     bar.update(self.env_steps - bar.n)
                     bar.set_postfix(upd=learner.step, ret=self._recent_return(), refresh=False)

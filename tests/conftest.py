@@ -1,9 +1,28 @@
-"""Shared test set-up: quiet TensorFlow, and configs for quick runs."""
+"""Shared test set-up: quiet TensorFlow, configs for quick runs, and the axes of drawn figures."""
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture
+def figure_axes(monkeypatch):
+    """The axes of every figure launch/plot.py draws during the test, in order."""
+    import matplotlib.pyplot as plt
+    from eosrl.launch import plot
+    axes = []
+    real_subplots = plt.subplots
+
+    def subplots(*args, **kwargs):
+        fig, ax = real_subplots(*args, **kwargs)
+        axes.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(plot.plt, "subplots", subplots)
+    return axes

@@ -77,18 +77,9 @@ def test_malformed_lines_are_skipped_with_file_and_line(tmp_path):
         assert len(plot_runs([run])) == 4
 
 
-def test_a_shared_threshold_is_drawn_once(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
+def test_a_shared_threshold_is_drawn_once(tmp_path, figure_axes):
     from eosrl.launch import plot
-    axes = []
-    real_subplots = plt.subplots
-
-    def subplots(*args, **kwargs):
-        fig, ax = real_subplots(*args, **kwargs)
-        axes.append(ax)
-        return fig, ax
-
-    monkeypatch.setattr(plot.plt, "subplots", subplots)
+    axes = figure_axes
     runs = {"dqn": read_metrics(write_run(tmp_path / "dqn", 1.0) / "metrics.jsonl"),
             "c51": read_metrics(write_run(tmp_path / "c51", 0.5) / "metrics.jsonl")}
     plot.plot_sharpness(runs, tmp_path / "sharpness.png")

@@ -440,7 +440,7 @@ def test_batch_sharpness_batches_is_validated():
     assert message.endswith("probe.batch_sharpness_batches: must be >= 0, got -1") and "\n" not in message
 
 
-def test_learner_loop_writes_batch_sharpness_records(tmp_path, monkeypatch):
+def test_learner_loop_writes_batch_sharpness_records(tmp_path, figure_axes):
     """An inline run of the learner loop with probe.batch_sharpness_batches: 2: its `probe`
     records carry the new fields, finite, measured on fresh batches of replay.batch_size."""
     from conftest import CONFIGS
@@ -489,17 +489,8 @@ def test_learner_loop_writes_batch_sharpness_records(tmp_path, monkeypatch):
         assert 0 < r["batch_hvps"] < r["hvps"]
 
     # The sharpness figure draws it beside λ₁: its own colour and line style, in the legend.
-    import matplotlib.pyplot as plt
     from eosrl.launch import plot
-    axes = []
-    real_subplots = plt.subplots
-
-    def subplots(*args, **kwargs):
-        fig, ax = real_subplots(*args, **kwargs)
-        axes.append(ax)
-        return fig, ax
-
-    monkeypatch.setattr(plot.plt, "subplots", subplots)
+    axes = figure_axes
     assert plot.plot_sharpness({"run": plot.read_metrics(rdir.metrics)}, tmp_path / "sharpness.png") is not None
     lines = {line.get_label(): line for line in axes[0].get_lines()}
     assert set(lines) == {"run λ₁ (probe batch)", "run batch sharpness", "run threshold"}

@@ -13,6 +13,7 @@ from eosrl.agents import networks, replay
 from eosrl.agents.actor import Actor, VectorActor, linear_epsilon
 from eosrl.agents.builder import Builder, actor_seed
 from eosrl.agents.config import AgentConfig, ConfigError, load_config
+from eosrl.envs.factory import make_env
 
 NUM_ACTIONS = 3
 FRAME = (2, 2)
@@ -200,7 +201,7 @@ def test_env_seeds_and_apex_epsilons_are_those_of_the_single_env_actors(monkeypa
     reference = Builder(single)
     assert all_epsilons == pytest.approx([reference.epsilon(i, 8)(0) for i in range(8)], rel=1e-12)
     assert all_epsilons == pytest.approx([0.4 ** (1 + 7 * i / 7) for i in range(8)], rel=1e-12)
-    assert all_seeds == [actor_seed(0, i, 80) for i in range(8)]
+    assert all_seeds == [actor_seed(config.run.seed, i, 80) for i in range(8)]
     assert len(set(all_seeds)) == 8
     with pytest.raises(ValueError, match="envs_per_actor"):
         builder.make_vector_actor([None] * 3, 0, num_actors=2)
@@ -214,17 +215,20 @@ def test_one_env_per_actor_keeps_todays_seeds_and_epsilons():
     for actor_id, start in [(0, 0), (3, 500)]:
         assert actor_seed(7, actor_id, start) == 7 + 1000 * (actor_id + 1) + start
     actor = Builder(config).make_vector_actor([None], 2, num_actors=5, start_step=40)
-    assert actor.num_envs == 1 and actor.streams[0].env.reset()[0] is not None
+    assert actor.num_envs == 1
+    first_obs, _ = make_env(config.env, config.run.seed + 1000 * 3 + 40).reset()
+    np.testing.assert_array_equal(actor.streams[0].env.reset()[0], first_obs)  # seeded as before
     assert actor.epsilon(0) == pytest.approx(0.4 ** (1 + 7 * 2 / 4))
-    actor.steps = 40  # a resumed share: ε continues at the env's own step count
     schedule = Builder(load_config(CONFIGS / "dqn_cartpole.yaml")).make_vector_actor([None], 0, 1)
-    schedule.steps = 40
+    schedule.steps = 40  # a resumed share: the schedule continues from its step count
     a = config.agent
     assert schedule.epsilon(0) == pytest.approx(linear_epsilon(a.epsilon_start, a.epsilon_end,
                                                                 a.epsilon_decay_steps)(40))
 
 
 def test_envs_per_actor_below_one_is_a_config_error_naming_the_field():
+    """Breaks if 0, a negative or a fractional count of envs gets past the config check,
+    or its error is not one line that names the field."""
     for value in (0, -2):
         with pytest.raises(ConfigError, match="distributed.envs_per_actor") as err:
             load_config(CONFIGS / "dqn_cartpole.yaml", [f"distributed.envs_per_actor={value}"])
