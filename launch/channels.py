@@ -138,12 +138,14 @@ class SnapshotQueue:
 
 
 def rate_limited_batches(address: str, batch_size: int, inserts: Callable[[], int], max_idle_s: float,
-                         timeout_ms: int = 5000) -> Generator[Optional[Any], None, None]:
+                         timeout_ms: int = 1000) -> Generator[Optional[Any], None, None]:
     """Training batches from the rate-limited table; None once no new data has arrived
     for `max_idle_s` (every actor has finished).
 
     The rate limiter holds sampling back for the stream's short timeout, which keeps
-    SIGTERM deliverable; the stream is then reopened."""
+    SIGTERM deliverable (a signal handler runs only once the dataset's C++ call returns:
+    at 5 s, a launcher's SIGTERM under load left the learner too little of its 10 s to
+    write its final checkpoint); the stream is then reopened."""
     stream = replay.batch_stream(address, batch_size, rate_limiter_timeout_ms=timeout_ms)
     last_inserts, last_change = inserts(), time.time()
     try:
