@@ -154,8 +154,6 @@ class Actor:
                  seed: int, clip_rewards: bool, epsilon: Optional[Callable[[int], float]] = None,
                  recorder=None):
         self._stream = _EnvStream(env, adder, clip_rewards, recorder)
-        self.env, self.adder, self.recorder = env, adder, recorder
-        self.clip_rewards = clip_rewards
         self.epsilon = epsilon or linear_epsilon(agent.epsilon_start, agent.epsilon_end,
                                                  agent.epsilon_decay_steps)
         self._policy = make_policy(network)
