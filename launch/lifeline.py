@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from typing import Dict, Iterator, Mapping
+from typing import Dict, Iterator, Mapping, Optional
 
 PARENT_PID = "EOSRL_PARENT_PID"
 EXIT_ORPHANED = 4
@@ -57,26 +57,46 @@ class Stop(KeyboardInterrupt):
     A KeyboardInterrupt, so Ctrl-C and `kill` are handled by the same `except`."""
 
 
+class Signals:
+    """What `stop_on_signals` has received, to tell a stop from a failure.
+
+    A signal's `Stop` can surface as another error: when the handler runs inside Python
+    code that C++ calls while building an exception of its own (TF's status error raised
+    by a Reverb dataset), pybind11 replaces both with `RuntimeError: ... MISMATCH of
+    original and normalized active exception types ... REPLACED BY Stop`. A learner that
+    took that for a failure, or let it through its `except Stop`, recorded a run stopped
+    by its launcher as `completed`."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+
+    def stopped(self, error: BaseException) -> bool:
+        """Whether `error` is how a stop signal surfaced (any error once one was received)."""
+        return isinstance(error, Stop) or (self.received is not None and isinstance(error, Exception))
+
+
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
+def stop_on_signals() -> Iterator[Signals]:
     """SIGTERM (`kill`, a scheduler, a launcher) and SIGINT (Ctrl-C) both raise `Stop`.
     SIGINT is set explicitly: a process started in the background by a script
     (`eosrl launch ... &`) inherits SIGINT ignored, and Python then installs no Ctrl-C
     handler. Outside the main thread (a Ray worker) nothing is installed: the launcher
     ends the role instead. Only the first signal raises: one that comes while the run
-    is cleaning up (its final checkpoint) is ignored, so put the clean-up inside the block."""
-    stopping: list = []
+    is cleaning up (its final checkpoint) is ignored, so put the clean-up inside the block.
+    Catch with `except BaseException as error` and `signals.stopped(error)` where C++
+    calls run inside the block (see `Signals`)."""
+    signals = Signals()
 
     def handler(signum, frame):
-        if not stopping:
-            stopping.append(signum)
+        if signals.received is None:
+            signals.received = signum
             raise Stop()
     try:
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:
         previous = {}
     try:
-        yield
+        yield signals
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

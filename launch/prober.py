@@ -41,7 +41,7 @@ from eosrl.agents.builder import Builder
 from eosrl.agents.config import Config
 from eosrl.agents.probes import Prober, draw_sharpness_batches
 from eosrl.launch.channels import SnapshotQueue, connect, while_server_answers
-from eosrl.launch.lifeline import Stop, stop_on_signals
+from eosrl.launch.lifeline import stop_on_signals
 from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics
 
 PROBE_BATCH_FILE = "probe_batch.npz"
@@ -84,7 +84,7 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
     batch = load_probe_batch(rdir.path) if config.probe.batch == "fixed" else None
     recorded = {r.get("snapshot_key") for r in read_metrics(rdir.metrics, "probe")}  # by a prober before this one
     probes, last_step, status = 0, 0, "completed"
-    with stop_on_signals():
+    with stop_on_signals() as signals:
         try:
             while True:
                 key, snap = queue.oldest()
@@ -108,8 +108,10 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
                               snapshot_key=str(key), **{k: v for k, v in record.items() if k not in ("kind", "step")})
                 queue.done(key)
                 probes, last_step = probes + 1, snap.step
-        except Stop:
-            status = "interrupted"
+        except BaseException as error:
+            status = "interrupted" if signals.stopped(error) else "failed"
+            if status == "failed":
+                raise
         finally:
             waiting = while_server_answers(queue.waiting)
             metrics.write("event", last_step, event="prober_finished", status=status, probes=probes,

@@ -31,7 +31,7 @@ from eosrl.launch import resume
 from eosrl.launch.channels import (ParamsChannel, SnapshotQueue, connect, inserted_steps,
                                    rate_limited_batches, while_server_answers)
 from eosrl.launch.learning import LearnerLoop, all_finite
-from eosrl.launch.lifeline import Stop, stop_on_signals
+from eosrl.launch.lifeline import stop_on_signals
 from eosrl.launch.rundir import MetricsWriter, RunDir
 
 # The learner's exit codes, read by the launchers.
@@ -55,14 +55,15 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
     client = reverb.Client(f"localhost:{server.port}")
     print(f"replay server listening on port {server.port} of every network interface "
           f"(no authentication: see README, Security)", flush=True)
-    with stop_on_signals():
+    with stop_on_signals() as signals:
         try:
             if builder.preloaded_transitions() and replay.table_size(client) == 0:
                 _load_dataset(builder, client, run_dir)
             while True:
                 time.sleep(1.0)
-        except Stop:
-            pass
+        except BaseException as error:
+            if not signals.stopped(error):
+                raise
         finally:
             server.stop()
 
@@ -106,7 +107,7 @@ def run_actor(config: Config, address: str, actor_id: int, num_actors: int,
     refresh = config.distributed.param_refresh_steps
     actor.steps = start_step  # the ε schedules continue where this share stopped
     start = time.time()
-    with stop_on_signals():
+    with stop_on_signals() as signals:
         try:
             params, net_state, learner_step, _ = channel.fetch()
             actor.update_params(params, net_state)
@@ -124,8 +125,9 @@ def run_actor(config: Config, address: str, actor_id: int, num_actors: int,
                     params, net_state, learner_step, _ = channel.fetch()
                     actor.update_params(params, net_state)
             adders[0].flush()  # the adders share one writer
-        except Stop:
-            pass
+        except BaseException as error:
+            if not signals.stopped(error):
+                raise
         finally:
             for adder in adders:
                 adder.close()
@@ -144,7 +146,7 @@ def run_evaluator(config: Config, address: str, run_dir: Optional[Path]) -> int:
     metrics = MetricsWriter(RunDir(run_dir), tensorboard=False) if run_dir else None
     every = builder.schedule().every(config.run.eval_every)
     last_step = None
-    with stop_on_signals():
+    with stop_on_signals() as signals:
         try:
             while every:
                 params, net_state, step, env_steps = channel.fetch()
@@ -158,8 +160,9 @@ def run_evaluator(config: Config, address: str, run_dir: Optional[Path]) -> int:
                             metrics.write("eval", step, env_steps=env_steps, source="evaluator", **result)
                         print(f"eval at learner step {step}: return {result['return_mean']:.2f}", flush=True)
                 time.sleep(1.0)
-        except Stop:
-            pass
+        except BaseException as error:
+            if not signals.stopped(error):
+                raise
         finally:
             if metrics is not None:
                 metrics.close()
@@ -199,12 +202,14 @@ def run_learner(config: Config, address: str, run_dir: Path, max_idle_s: float =
                       env_steps=env_steps(), update_target=target, replay_size=replay.table_size(client))
     channel.publish(*learner.acting_params(), learner.step, env_steps())
     status = "completed"
-    with stop_on_signals():
+    with stop_on_signals() as signals:
         try:
             while learner.step < target and status == "completed":
                 status = loop.step() or status
-        except Stop:
-            status = "interrupted"
+        except BaseException as error:
+            status = "interrupted" if signals.stopped(error) else "failed"
+            if status == "failed":
+                raise
         finally:
             status = _finish_learner(loop, status, env_steps, channel, probe_queue)
             metrics.close()

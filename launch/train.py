@@ -81,10 +81,12 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     try:
         run.start(resume)
         status = "failed"  # what the final checkpoint and summary say if an exception ends the run
-        with stop_on_signals():
+        with stop_on_signals() as signals:
             try:
                 status = run.offline_loop(progress) if builder.schedule().offline else run.online_loop(progress)
-            except KeyboardInterrupt:
+            except BaseException as error:
+                if not signals.stopped(error):
+                    raise
                 status = "interrupted"
                 metrics.write("event", run.loop.learner.step, env_steps=run.env_steps, event="interrupted")
             finally:

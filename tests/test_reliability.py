@@ -121,6 +121,29 @@ def test_corrupt_dataset_is_refused_before_the_run_dir_exists(tmp_path, monkeypa
 # 3 and 2. A launcher killed with SIGKILL leaves no process; it says where replay listens.
 
 
+def test_a_stop_that_cpp_code_replaced_by_another_error_is_still_a_stop():
+    """pybind11 replaces a `Stop` raised while it builds an exception of its own (TF's
+    status error from a Reverb dataset) by a RuntimeError; the learner must still end
+    as `interrupted`, not `completed` or `failed`."""
+    from eosrl.launch.lifeline import Stop, stop_on_signals
+
+    def cpp_call():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)  # the handler runs here and raises Stop
+        except Stop:
+            raise RuntimeError("MISMATCH of original and normalized active exception types: "
+                               "ORIGINAL _NotOkStatusException REPLACED BY Stop")
+
+    with stop_on_signals() as signals:
+        with pytest.raises(RuntimeError) as caught:
+            cpp_call()
+    assert signals.received == signal.SIGTERM and signals.stopped(caught.value)
+    with stop_on_signals() as signals:
+        assert not signals.stopped(RuntimeError("a real failure"))
+        assert signals.stopped(Stop())
+
+
 @pytest.mark.slow
 def test_sigkilled_launcher_leaves_no_process_and_said_where_replay_listens(tmp_path):
     import portpicker
