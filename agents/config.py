@@ -28,7 +28,8 @@ class OptimizerConfig:
     name: Literal["sgd", "rmsprop", "adam"] = "adam"
     """`sgd` (optionally heavy-ball or Nesterov momentum), `rmsprop` or `adam`."""
     lr: float = 1e-3
-    """Learning rate (the initial value when `lr_schedule` is not constant)."""
+    """Learning rate (the initial value when `lr_schedule` is not constant); with a
+    `step_size_rule`, the cap on the rule's η_t."""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """`constant` or `linear` (from `lr` to `lr_end` over `lr_decay_updates` updates)."""
     lr_end: float = 0.0
@@ -51,6 +52,17 @@ class OptimizerConfig:
     """Adam / RMSProp ε added to the denominator."""
     max_grad_norm: float = 0.0
     """Clip gradients to this global norm before the optimiser; 0 disables clipping."""
+    step_size_rule: Literal["constant", "drift_adjusted", "corridor"] = "constant"
+    """How the step size η_t of each update is chosen (agents/step_sizes.py; `sgd` only):
+    `constant` (`lr` and its schedule); `drift_adjusted` (DAL of Rosca et al., 2023:
+    η_t = min(2 / (‖Hg‖/‖g‖)^p, lr), one Hessian-vector product per update); `corridor`
+    (Dherin & Rosca, 2024, a Polyak step: η_t = min(c·L/‖g‖², lr)). Probes compare λ₁
+    with the threshold of the last η_t."""
+    dal_power: float = 1.0
+    """p of `drift_adjusted`: larger p shrinks steps more where the drift ‖Hg‖/‖g‖ > 1
+    (the paper's trade-off between stability and progress; p = 0 is plain SGD at 2)."""
+    corridor_scale: float = 1.0
+    """c of `corridor` (c = 1 is Polyak's step with the loss's lower bound 0)."""
 
 
 @dataclass
@@ -107,6 +119,17 @@ class AgentConfig:
     """ε used by the evaluator."""
     spectral_norm: SpectralNormConfig = field(default_factory=SpectralNormConfig)
     """Spectral normalisation per layer (none by default)."""
+    gradient_penalty: float = 0.0
+    """λ of λ·‖∇_θ L_TD‖² added to the TD loss: implicit gradient regularisation made
+    explicit (Barrett & Dherin, 2021); 0 disables it. Costs a second backward pass."""
+    geometric_complexity_penalty: float = 0.0
+    """λ of λ·GC added to the TD loss, GC = mean over the batch of ‖∂q(x)/∂x‖²_F of the
+    Q-network (Dherin et al., 2022; the quantity `probe.geometric_complexity_every`
+    reports); 0 disables it. Costs one backward pass per action, each slow on CPU (XLA's
+    convolution input gradient), hence `geometric_complexity_rows`."""
+    geometric_complexity_rows: int = 32
+    """Rows of each batch the penalty's GC is computed on (the first ones: batch rows are
+    drawn uniformly, so this is an unbiased estimate of the batch's GC); 0 = the whole batch."""
 
 
 @dataclass
@@ -427,9 +450,7 @@ def parse_subset(subset: str) -> tuple:
     raise ConfigError(f"regime.subset: {subset!r} is not one of 'all', 'first N', 'last N', 'random N'")
 
 
-def validate(c: Config) -> None:
-    _positive("env.max_episode_frames", c.env.max_episode_frames)
-    a, o = c.agent, c.agent.optimizer
+def _validate_optimizer(o: OptimizerConfig) -> None:
     _positive("agent.optimizer.lr", o.lr)
     _positive("agent.optimizer.lr_end", o.lr_end, allow_zero=True)
     if o.lr_schedule == "linear":
@@ -442,6 +463,24 @@ def validate(c: Config) -> None:
         raise ConfigError("agent.optimizer.nesterov: needs agent.optimizer.momentum > 0")
     _positive("agent.optimizer.eps", o.eps)
     _positive("agent.optimizer.max_grad_norm", o.max_grad_norm, allow_zero=True)
+    if o.step_size_rule != "constant":
+        if o.name != "sgd":
+            raise ConfigError(f"agent.optimizer.step_size_rule: {o.step_size_rule} is a rule for sgd "
+                              f"(with or without momentum), not {o.name}")
+        if o.lr_schedule != "constant":
+            raise ConfigError(f"agent.optimizer.lr_schedule: must be constant with step_size_rule "
+                              f"{o.step_size_rule} (lr is the rule's cap)")
+    _positive("agent.optimizer.dal_power", o.dal_power, allow_zero=True)
+    _positive("agent.optimizer.corridor_scale", o.corridor_scale)
+
+
+def validate(c: Config) -> None:
+    _positive("env.max_episode_frames", c.env.max_episode_frames)
+    a = c.agent
+    _validate_optimizer(a.optimizer)
+    _positive("agent.gradient_penalty", a.gradient_penalty, allow_zero=True)
+    _positive("agent.geometric_complexity_penalty", a.geometric_complexity_penalty, allow_zero=True)
+    _positive("agent.geometric_complexity_rows", a.geometric_complexity_rows, allow_zero=True)
     if not 0.0 <= a.discount <= 1.0:
         raise ConfigError(f"agent.discount: must be in [0, 1], got {a.discount}")
     _positive("agent.n_step", a.n_step)

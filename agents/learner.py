@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eosrl.agents import checkpoint, losses, networks, spectral_norm
+from eosrl.agents import checkpoint, losses, networks, regularisers, spectral_norm, step_sizes
 from eosrl.agents.config import AgentConfig
 from eosrl.agents.optimizers import learning_rate, make_optimizer
 from eosrl.agents.types import LearnerState, NetState, Params, Transition
@@ -46,21 +46,56 @@ def make_loss_fn(network: networks.Network, agent: AgentConfig) -> Callable:
     return loss_fn
 
 
-def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, agent: AgentConfig,
+def make_objective_fn(loss_fn: Callable, network: networks.Network, agent: AgentConfig) -> Callable:
+    """objective(params, target_params, net_state, target_net_state, batch, update_sn)
+    -> (TD loss + penalties, (new_net_state, mean_q, terms)): what the optimiser descends.
+    `terms` holds the TD loss and each penalty's unscaled value (agents/regularisers.py).
+    The probes measure the TD loss (`loss_fn`), as the papers on both penalties do."""
+    gradient_penalty, complexity_penalty = agent.gradient_penalty, agent.geometric_complexity_penalty
+
+    def objective(params, target_params, net_state, target_net_state, batch: Transition,
+                  update_sn: bool = False):
+        loss, (new_net_state, mean_q) = loss_fn(params, target_params, net_state, target_net_state,
+                                                batch, update_sn)
+        terms, total = {"loss": loss}, loss
+        if gradient_penalty:
+            td_loss = lambda p: loss_fn(p, target_params, new_net_state, target_net_state, batch, False)[0]
+            terms["gradient_norm_sq"] = regularisers.gradient_norm_penalty(td_loss, params)
+            total = total + gradient_penalty * terms["gradient_norm_sq"]
+        if complexity_penalty:
+            obs = batch.obs[:agent.geometric_complexity_rows] if agent.geometric_complexity_rows else batch.obs
+            terms["geometric_complexity"] = regularisers.q_network_complexity(network, params, new_net_state, obs)
+            total = total + complexity_penalty * terms["geometric_complexity"]
+        return total, (new_net_state, mean_q, terms)
+
+    return objective
+
+
+def make_update_fn(objective_fn: Callable, optimizer: optax.GradientTransformation, agent: AgentConfig,
                    preprocess: Callable[[Any], Transition]) -> Callable:
     """update(state, raw_batch) -> (new state, device metrics): a pure function of its
     arguments and of what it closes over here, never of a learner object's attributes,
-    so jitting it cannot bake in state that later changes (as in DQN Zoo's agents)."""
+    so jitting it cannot bake in state that later changes (as in DQN Zoo's agents).
+    With a step-size rule the metrics include `lr`, the η_t of this update."""
     scale_lr, period = agent.spectral_norm.scale_lr, agent.target_update_period
+    rule = agent.optimizer.step_size_rule != "constant"
 
     def update(state: LearnerState, raw_batch) -> Tuple[LearnerState, Dict[str, jax.Array]]:
         batch = preprocess(raw_batch)
         rng, _ = jax.random.split(state.rng)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (net_state, mean_q)), grads = grad_fn(
+        grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
+        (objective, (net_state, mean_q, terms)), grads = grad_fn(
             state.params, state.target_params, state.net_state, state.target_net_state,
             batch, True)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        extra: Dict[str, jax.Array] = {}
+        if rule:
+            # The curvature of the function just differentiated: this update's SN vectors.
+            of_params = lambda p: objective_fn(p, state.target_params, net_state, state.target_net_state,
+                                               batch, False)[0]
+            extra["lr"] = step_sizes.step_size(agent.optimizer, of_params, state.params, objective, grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step_size=extra["lr"])
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         if scale_lr:
             updates = spectral_norm.scale_updates(updates, net_state)
         params = optax.apply_updates(state.params, updates)
@@ -70,7 +105,8 @@ def make_update_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, a
         new_state = LearnerState(params, target_params, net_state, target_net_state,
                                  opt_state, step, rng)
         metrics = {
-            "loss": loss,
+            **terms,
+            **extra,
             "mean_q": mean_q,
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(params),
@@ -90,6 +126,7 @@ class Learner:
         self.agent = agent
         self.optimizer = make_optimizer(agent.optimizer)
         self.loss_fn = make_loss_fn(network, agent)
+        self.objective_fn = make_objective_fn(self.loss_fn, network, agent)
         self._lr = learning_rate(agent.optimizer)
         self.preprocess = preprocess
         rng = jax.random.PRNGKey(seed)
@@ -99,16 +136,18 @@ class Learner:
             params=params, target_params=params, net_state=net_state,
             target_net_state=net_state, opt_state=self.optimizer.init(params),
             step=jnp.zeros((), jnp.int32), rng=rng)
-        self._update = jax.jit(make_update_fn(self.loss_fn, self.optimizer, agent, preprocess))
+        self._update = jax.jit(make_update_fn(self.objective_fn, self.optimizer, agent, preprocess))
         # The update count on the host: reading `state.step` would wait for the update in
         # flight, and the loop asks for the count after every update.
         self._step = 0
+        self._last_lr: Optional[jax.Array] = None  # η_t of the last update, with a step-size rule
 
     def update(self, raw_batch) -> Dict[str, jnp.ndarray]:
         """One update, dispatched without waiting for it; returns device metrics (convert
         with `float` only when logging)."""
         self.state, metrics = self._update(self.state, raw_batch)
         self._step += 1
+        self._last_lr = metrics.get("lr")
         return metrics
 
     @property
@@ -116,6 +155,10 @@ class Learner:
         return self._step
 
     def current_lr(self) -> float:
+        """The step size now: the schedule's, or with a step-size rule the last update's
+        η_t (waiting for that update; before the first, the rule's cap `lr`)."""
+        if self._last_lr is not None:
+            return float(self._last_lr)
         lr = self._lr
         return float(lr(self._step)) if callable(lr) else float(lr)
 

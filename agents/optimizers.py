@@ -4,6 +4,7 @@ from __future__ import annotations
 import optax
 
 from eosrl.agents.config import OptimizerConfig
+from eosrl.agents.step_sizes import scale_by_step_size
 
 
 def learning_rate(config: OptimizerConfig):
@@ -14,8 +15,13 @@ def learning_rate(config: OptimizerConfig):
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """With a `step_size_rule` the update takes η_t as `step_size` (agents/step_sizes.py)."""
     lr = learning_rate(config)
-    if config.name == "sgd":
+    if config.step_size_rule != "constant":
+        # The gradient times η_t, then SGD at learning rate 1 (as the DAL authors' code).
+        inner = optax.chain(scale_by_step_size(),
+                            optax.sgd(1.0, momentum=config.momentum or None, nesterov=config.nesterov))
+    elif config.name == "sgd":
         # optax's trace is the heavy-ball form v ← βv + g, θ ← θ − ηv of the threshold table.
         inner = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov)
     elif config.name == "rmsprop":

@@ -42,6 +42,7 @@ from eosrl.agents.config import AgentConfig, OptimizerConfig, ProbeConfig
 from eosrl.agents.eigensolvers import (Matvec, hutchinson_trace, lanczos, lanczos_eigenpairs, make_hvp,
                                        preconditioned, random_init, ritz_residuals, smallest_eigenpair,
                                        top_eigenpairs)
+from eosrl.agents.regularisers import q_network_complexity
 from eosrl.agents.thresholds import is_adaptive, stability_threshold
 
 
@@ -88,37 +89,6 @@ def diagonal_preconditioner(opt_state: Any, opt: OptimizerConfig) -> Optional[An
         return jax.tree_util.tree_map(
             lambda mu, nu: jnp.sqrt(nu - jnp.square(mu) + eps), state.mu, state.nu)
     return jax.tree_util.tree_map(lambda nu: jnp.sqrt(nu + eps), state.nu)
-
-
-# ----------------------------------------------------------------------------
-# Geometric complexity of the Q-network.
-
-
-def geometric_complexity(q_of_inputs: Callable[[jnp.ndarray], jnp.ndarray],
-                         inputs: jnp.ndarray) -> jnp.ndarray:
-    """Mean over the batch of ‖∂q(x_b)/∂x_b‖²_F (Dherin et al., 2022).
-
-    `q_of_inputs` maps a batch [B, ...] to [B, A] with no interaction between
-    rows (true of these networks: no batch norm), so the gradient of
-    Σ_b q[b, a] w.r.t. the whole batch holds every row's Jacobian row a.
-    That costs A backward passes instead of B·A.
-    """
-    q, vjp = jax.vjp(q_of_inputs, inputs)
-    num_rows, num_actions = q.shape
-
-    def squared_norm_of_column(a):
-        (g,) = vjp(jax.nn.one_hot(jnp.full((num_rows,), a), num_actions, dtype=q.dtype))
-        return jnp.sum(jnp.square(g))
-
-    return jnp.sum(jax.lax.map(squared_norm_of_column, jnp.arange(num_actions))) / num_rows
-
-
-def network_inputs(obs: jnp.ndarray) -> jnp.ndarray:
-    """The float input the network actually sees: uint8 frames scaled to [0, 1]
-    (as `networks.make_network` does), so the Jacobian is w.r.t. that."""
-    if obs.dtype == jnp.uint8:
-        return obs.astype(jnp.float32) / 255.0
-    return obs.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -302,10 +272,7 @@ class Prober:
                                 flat.dtype)
 
     def _complexity_fn(self, snap: ProbeSnapshot, batch):
-        def q_of_inputs(x):
-            output, _ = self.learner.network.apply(snap.params, snap.net_state, x, False)
-            return networks.q_values(self.learner.network, output)
-        return geometric_complexity(q_of_inputs, network_inputs(batch.obs))
+        return q_network_complexity(self.learner.network, snap.params, snap.net_state, batch.obs)
 
     def _batch_sharpness_fn(self, snap: ProbeSnapshot, batches, init: jnp.ndarray, rng):
         """Per batch B of `batches` (K batches stacked on a leading axis), in the

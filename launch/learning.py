@@ -184,7 +184,11 @@ class LearnerLoop:
             self._window = []
             for key in window[0]:
                 values[key] = float(np.mean([m[key] for m in window]))
-            values["lr"] = self.learner.current_lr()
+            if "lr" in window[0]:  # η_t of a step-size rule: its mean and range over the window
+                values["lr_min"] = float(np.min([m["lr"] for m in window]))
+                values["lr_max"] = float(np.max([m["lr"] for m in window]))
+            else:
+                values["lr"] = self.learner.current_lr()
         self.last_env_steps = env_steps
         self.metrics.write("train", step, **values)
 
