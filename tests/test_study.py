@@ -526,18 +526,21 @@ def test_across_seed_numbers_match_hand_computed_ones(tmp_path):
     # dqn. Reached (≥ 0.9): 3/5, 3/5, 0/5 -> IQM 0.4 in [0, 0.6].
     # At the edge (0.9-1.1): 0.95 1.05 -> 2/5; 0.92 1.0 1.08 -> 3/5; none -> 0 -> IQM 1/3 in [0, 0.6].
     # First probe ≥ 0.9: 200, 300, never -> median 300. Peaks 1.2, 1.08, 0.7 -> 2.98 / 3.
+    # Held, from the first crossing on: s0 0.95 1.05 1.2 0.8 -> 2/4; s1 0.92 1.0 1.08 -> 3/3;
+    # s2 never reached -> left out: IQM of (0.5, 1) = 0.75 in [0.5, 1].
     assert sharp["dqn"][3:] == ["3/3", "5, 5, 5", "0.99 [0.70, 1.20]", "0.40 [0.00, 0.60]", "0.33 [0.00, 0.60]",
-                                "300 (s0 200, s1 300, s2 never)", "0/3"]
+                                "0.75 [0.50, 1.00] (2/3 reached)", "300 (s0 200, s1 300, s2 never)", "0/3"]
     # c51. Reached: 0/3 (NaN is not), 3/3, 1/3 -> IQM 4/9 in [0, 1]. At the edge: 0, 2/3
     # (0.9 and 1.1 are inside), 1/3 -> IQM 1/3 in [0, 2/3]. First: never, 100, 200 -> 200.
-    # Peaks: 0.2 (the NaN is left out), 1.2, 0.95 -> 2.35 / 3.
+    # Peaks: 0.2 (the NaN is left out), 1.2, 0.95 -> 2.35 / 3. Held: s1 0.9 1.1 1.2 -> 2/3,
+    # s2 0.95 0.5 -> 1/2: IQM 7/12 in [1/2, 2/3].
     assert sharp["c51"][3:] == ["3/3", "3, 3, 3", "0.78 [0.20, 1.20]", "0.44 [0.00, 1.00]", "0.33 [0.00, 0.67]",
-                                "200 (s0 never, s1 100, s2 200)", "1/3"]
+                                "0.58 [0.50, 0.67] (2/3 reached)", "200 (s0 never, s1 100, s2 200)", "1/3"]
     # Batch sharpness: only dqn's probes have it; every one is at the threshold (ratio 1).
     batch = table_rows(text, "Batch sharpness relative to the stability threshold")
     assert list(batch) == ["dqn"]
     assert batch["dqn"][3:] == ["3/3", "5, 5, 5", "1.00 [1.00, 1.00]", "1.00 [1.00, 1.00]", "1.00 [1.00, 1.00]",
-                                "100 (s0 100, s1 100, s2 100)", "0/3"]
+                                "1.00 [1.00, 1.00] (3/3 reached)", "100 (s0 100, s1 100, s2 100)", "0/3"]
     # The report says which return, which probes and which median it means.
     for definition in ("the `final_eval_return` of its `finished` event", "the fraction of *all* its probes",
                        "counts *never* as later than any update", "band: min–max over seeds"):

@@ -139,14 +139,15 @@ def returns_summary(group: Group) -> Dict[str, Any]:
 
 def ratio_summary(group: Group, field: str = "sharpness") -> Optional[Dict[str, Any]]:
     """Per run with probes of `field`: its peak value/threshold, the fraction of its probes
-    with value/threshold >= EDGE, the fraction within 1 ± BAND, and the first update with
-    value/threshold >= EDGE; the peaks and fractions aggregated over seeds (IQM, CI), the
+    with value/threshold >= EDGE, the fraction within 1 ± BAND, the first update with
+    value/threshold >= EDGE and, for runs that got there, the fraction within 1 ± BAND of
+    the probes from that one on; the peaks and fractions aggregated over seeds (IQM, CI), the
     first updates' median over seeds (never = later than any update). None when no run of
     the group has such probes."""
     runs = [r for r in group.runs if r.ratios.get(field)]
     if not runs:
         return None
-    peaks, reached, near, first = [], [], [], []
+    peaks, reached, near, first, held = [], [], [], [], []
     for run in runs:
         steps = [p[0] for p in run.ratios[field]]
         ratios = np.array([p[1] for p in run.ratios[field]])
@@ -156,11 +157,14 @@ def ratio_summary(group: Group, field: str = "sharpness") -> Optional[Dict[str, 
         reached.append(fraction_within(ratios, EDGE, math.inf))
         near.append(fraction_within(ratios, 1.0 - BAND, 1.0 + BAND))
         first.append(first_at_or_above(steps, list(ratios), EDGE))
+        if first[-1] is not None:  # the edge once reached: the probes from the first crossing on
+            held.append(fraction_within(ratios[steps.index(first[-1]):], 1.0 - BAND, 1.0 + BAND))
     return {"n": len(runs), "runs": len(group.runs), "seeds": [r.seed_label for r in runs],
             "probes": [len(r.ratios[field]) for r in runs],
             "peak": across_seeds(peaks) if peaks else None, "peak_per_seed": peaks,
             "reached": across_seeds(reached), "reached_per_seed": reached,
             "near": across_seeds(near), "near_per_seed": near,
+            "held": across_seeds(held) if held else None, "held_per_seed": held,
             "first": first, "first_median": median_with_never(first),
             "diverged": sum(r.diverged for r in group.runs)}
 
@@ -184,6 +188,9 @@ DEFINITIONS = [
     f"**reached**: per run, the fraction of *all* its probes with λ₁/threshold ≥ {EDGE}; "
     f"**at the edge**: the fraction with {1 - BAND:.1f} ≤ λ₁/threshold ≤ {1 + BAND:.1f} (within "
     f"±{BAND * 100:g} % of the threshold). A non-finite λ₁ counts as neither. Aggregated over seeds as IQM [CI].",
+    f"**held**: for each run that reached {EDGE}, the fraction of its probes from the first one with "
+    f"λ₁/threshold ≥ {EDGE} on (that one included) that are within ±{BAND * 100:g} % of the threshold; "
+    "aggregated as IQM [CI] over those runs only (how many: *k/n reached*).",
     f"**first update ≥ {EDGE}**: the learner update of a run's first probe with λ₁/threshold ≥ {EDGE}; "
     "the median over seeds counts *never* as later than any update (so it is *never* when half or more "
     "of the seeds never got there), followed by the per-seed values.",
