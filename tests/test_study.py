@@ -528,18 +528,23 @@ def test_across_seed_numbers_match_hand_computed_ones(tmp_path):
     # First probe ≥ 0.9: 200, 300, never -> median 300. Peaks 1.2, 1.08, 0.7 -> 2.98 / 3.
     # Held, from the first crossing on: s0 0.95 1.05 1.2 0.8 -> 2/4; s1 0.92 1.0 1.08 -> 3/3;
     # s2 never reached -> left out: IQM of (0.5, 1) = 0.75 in [0.5, 1].
-    assert sharp["dqn"][3:] == ["3/3", "5, 5, 5", "0.99 [0.70, 1.20]", "0.40 [0.00, 0.60]", "0.33 [0.00, 0.60]",
+    # End (the mean of the last 5 probes): 4.5/5, 3.9/5, 2.4/5 -> 0.72 in [0.48, 0.9].
+    assert sharp["dqn"][3:] == ["3/3", "5, 5, 5", "0.99 [0.70, 1.20]", "0.72 [0.48, 0.90]", "0.40 [0.00, 0.60]",
+                                "0.33 [0.00, 0.60]",
                                 "0.75 [0.50, 1.00] (2/3 reached)", "300 (s0 200, s1 300, s2 never)", "0/3"]
     # c51. Reached: 0/3 (NaN is not), 3/3, 1/3 -> IQM 4/9 in [0, 1]. At the edge: 0, 2/3
     # (0.9 and 1.1 are inside), 1/3 -> IQM 1/3 in [0, 2/3]. First: never, 100, 200 -> 200.
     # Peaks: 0.2 (the NaN is left out), 1.2, 0.95 -> 2.35 / 3. Held: s1 0.9 1.1 1.2 -> 2/3,
     # s2 0.95 0.5 -> 1/2: IQM 7/12 in [1/2, 2/3].
-    assert sharp["c51"][3:] == ["3/3", "3, 3, 3", "0.78 [0.20, 1.20]", "0.44 [0.00, 1.00]", "0.33 [0.00, 0.67]",
+    # End: (0.1 + 0.2)/2 (the NaN left out), 3.2/3, 1.95/3 -> 0.62 in [0.15, 1.07].
+    assert sharp["c51"][3:] == ["3/3", "3, 3, 3", "0.78 [0.20, 1.20]", "0.62 [0.15, 1.07]", "0.44 [0.00, 1.00]",
+                                "0.33 [0.00, 0.67]",
                                 "0.58 [0.50, 0.67] (2/3 reached)", "200 (s0 never, s1 100, s2 200)", "1/3"]
     # Batch sharpness: only dqn's probes have it; every one is at the threshold (ratio 1).
     batch = table_rows(text, "Batch sharpness relative to the stability threshold")
     assert list(batch) == ["dqn"]
     assert batch["dqn"][3:] == ["3/3", "5, 5, 5", "1.00 [1.00, 1.00]", "1.00 [1.00, 1.00]", "1.00 [1.00, 1.00]",
+                                "1.00 [1.00, 1.00]",
                                 "1.00 [1.00, 1.00] (3/3 reached)", "100 (s0 100, s1 100, s2 100)", "0/3"]
     # The report says which return, which probes and which median it means.
     for definition in ("the `final_eval_return` of its `finished` event", "the fraction of *all* its probes",
@@ -558,10 +563,10 @@ def test_report_without_batch_sharpness_has_no_batch_table(tmp_path):
     text = st.write_report(st.load_study(path), path, tmp_path / "out", specs, {}).read_text()
     # 2 seeds: the IQM is the mean 2; a resample of one seed twice has probability 1/4.
     assert table_rows(text, "Final evaluation return")["r"][3:5] == ["2/2", "2.00 [1.00, 3.00]"]
-    # Seed 0: 0.25 and 1.0 -> reached 1/2, at the edge 1/2; seed 1: 0.25 -> 0, 0.
+    # Seed 0: 0.25 and 1.0 -> end 0.625, reached 1/2, at the edge 1/2; seed 1: 0.25 -> 0.25, 0, 0.
     assert table_rows(text, "λ₁ relative to the stability threshold")["r"][3:5] + \
-        table_rows(text, "λ₁ relative to the stability threshold")["r"][6:8] == \
-        ["2/2", "2, 1", "0.25 [0.00, 0.50]", "0.25 [0.00, 0.50]"]
+        table_rows(text, "λ₁ relative to the stability threshold")["r"][6:9] == \
+        ["2/2", "2, 1", "0.44 [0.25, 0.62]", "0.25 [0.00, 0.50]", "0.25 [0.00, 0.50]"]
     assert "Batch sharpness" not in text and "batch_sharpness_over_threshold.png" not in text
 
 
@@ -598,7 +603,7 @@ def test_small_lr_sweep_study_end_to_end(tmp_path):
         assert returns[group][3] == "2/2" and re.fullmatch(r"[-\d.]+ \[[-\d.]+, [-\d.]+\]", returns[group][4])
         assert sharp[group][3] == "2/2" and sharp[group][-1] == "0/2"
         assert all(int(n) >= 3 for n in sharp[group][4].split(", "))  # probes per seed
-        assert all(re.fullmatch(r"[\d.]+ \[[\d.]+, [\d.]+\]", cell) for cell in sharp[group][5:8])
+        assert all(re.fullmatch(r"[\d.]+ \[[\d.]+, [\d.]+\]", cell) for cell in sharp[group][5:9])
     for png in ("sharpness_over_threshold.png", "final_returns.png"):
         assert (out / "plots" / png).stat().st_size > 5_000
     # A second invocation only rebuilds the report.

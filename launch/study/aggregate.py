@@ -20,6 +20,7 @@ from eosrl.launch.study.stats import (first_at_or_above, fraction_within, iqm, m
 
 EDGE = 0.9  # "reached the edge": λ₁ >= EDGE · threshold
 BAND = 0.1  # "at the edge": λ₁ within ±BAND of the threshold
+END_PROBES = 5  # "at the end": the mean over a run's last END_PROBES probes
 REPS = 2000  # bootstrap resamples per interval
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # fixed, so a report rebuilt from the same runs shows the same intervals
@@ -138,7 +139,8 @@ def returns_summary(group: Group) -> Dict[str, Any]:
 
 
 def ratio_summary(group: Group, field: str = "sharpness") -> Optional[Dict[str, Any]]:
-    """Per run with probes of `field`: its peak value/threshold, the fraction of its probes
+    """Per run with probes of `field`: its peak value/threshold, the mean of its last
+    END_PROBES finite ones, the fraction of its probes
     with value/threshold >= EDGE, the fraction within 1 ± BAND, the first update with
     value/threshold >= EDGE and, for runs that got there, the fraction within 1 ± BAND of
     the probes from that one on; the peaks and fractions aggregated over seeds (IQM, CI), the
@@ -147,13 +149,16 @@ def ratio_summary(group: Group, field: str = "sharpness") -> Optional[Dict[str, 
     runs = [r for r in group.runs if r.ratios.get(field)]
     if not runs:
         return None
-    peaks, reached, near, first, held = [], [], [], [], []
+    peaks, end, reached, near, first, held = [], [], [], [], [], []
     for run in runs:
         steps = [p[0] for p in run.ratios[field]]
         ratios = np.array([p[1] for p in run.ratios[field]])
         finite = ratios[np.isfinite(ratios)]
         if finite.size:  # a run whose only probe is NaN has no peak
             peaks.append(float(finite.max()))
+        last = ratios[-END_PROBES:]
+        if np.isfinite(last).any():
+            end.append(float(np.nanmean(last)))
         reached.append(fraction_within(ratios, EDGE, math.inf))
         near.append(fraction_within(ratios, 1.0 - BAND, 1.0 + BAND))
         first.append(first_at_or_above(steps, list(ratios), EDGE))
@@ -162,6 +167,7 @@ def ratio_summary(group: Group, field: str = "sharpness") -> Optional[Dict[str, 
     return {"n": len(runs), "runs": len(group.runs), "seeds": [r.seed_label for r in runs],
             "probes": [len(r.ratios[field]) for r in runs],
             "peak": across_seeds(peaks) if peaks else None, "peak_per_seed": peaks,
+            "end": across_seeds(end) if end else None, "end_per_seed": end,
             "reached": across_seeds(reached), "reached_per_seed": reached,
             "near": across_seeds(near), "near_per_seed": near,
             "held": across_seeds(held) if held else None, "held_per_seed": held,
@@ -184,7 +190,9 @@ DEFINITIONS = [
     "finish is left out.",
     "**λ₁/threshold** is a probe's `sharpness` (top eigenvalue of the TD loss's Hessian on the probe "
     "batch) over its `threshold` (the optimiser's stability threshold, 2(1+β)/η for heavy ball).",
-    "**peak**: per run, the largest finite λ₁/threshold of its probes; aggregated over seeds as IQM [CI].",
+    "**peak**: per run, the largest finite λ₁/threshold of its probes; **end**: the mean of the finite ones "
+    f"among its last {END_PROBES} probes (where it settled, or was still going); each aggregated over seeds "
+    "as IQM [CI].",
     f"**reached**: per run, the fraction of *all* its probes with λ₁/threshold ≥ {EDGE}; "
     f"**at the edge**: the fraction with {1 - BAND:.1f} ≤ λ₁/threshold ≤ {1 + BAND:.1f} (within "
     f"±{BAND * 100:g} % of the threshold). A non-finite λ₁ counts as neither. Aggregated over seeds as IQM [CI].",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from eosrl.launch.rundir import RunDir
-from eosrl.launch.study.aggregate import (DEFINITIONS, EDGE, SHARPNESS_FIELDS, Group, group_runs,
+from eosrl.launch.study.aggregate import (DEFINITIONS, EDGE, END_PROBES, SHARPNESS_FIELDS, Group, group_runs,
                                           ratio_summary, returns_summary)
 from eosrl.launch.study.spec import FINISHED, RunResult, RunSpec, summarize_run
 
@@ -71,16 +71,18 @@ def ratio_table(groups: Sequence[Group], field: str) -> List[str]:
             continue
         firsts = ", ".join(f"{s} {_update(v)}" for s, v in zip(r["seeds"], r["first"]))
         rows.append(_group_cells(group) + f"| {r['n']}/{r['runs']} | {', '.join(map(str, r['probes']))} "
-                    f"| {_interval(r['peak'])} | {_interval(r['reached'])} | {_interval(r['near'])} "
+                    f"| {_interval(r['peak'])} | {_interval(r['end'])} | {_interval(r['reached'])} "
+                    f"| {_interval(r['near'])} "
                     f"| {_interval(r['held'])} ({len(r['held_per_seed'])}/{r['n']} reached) "
                     f"| {_update(r['first_median'])} ({firsts}) | {r['diverged']}/{r['runs']} |")
     if not rows:
         return []
     return [f"| stage | group | grid values | runs | probes per run | peak {name}/threshold, IQM [95 % CI] "
+            f"| end: last {END_PROBES} probes' mean, IQM [95 % CI] "
             f"| reached: {name}/threshold ≥ {EDGE}, IQM [95 % CI] | at the edge: within ±10 %, IQM [95 % CI] "
             f"| held: within ±10 % once ≥ {EDGE}, IQM [95 % CI] "
             f"| first update ≥ {EDGE}: median (per seed) | diverged |",
-            "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"] + rows
+            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|"] + rows
 
 
 def across_seeds_section(groups: Sequence[Group]) -> List[str]:
