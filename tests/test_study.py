@@ -256,7 +256,20 @@ def test_a_run_seed_grid_axis_groups_like_seeds(tmp_path):
 @pytest.mark.slow
 def test_shipped_studies_plan(path, tmp_path):
     specs = st.plan_study(st.load_study(path), path, tmp_path)
+    if path.name == "c51_sn_adam_minatar.yaml":  # online C51 under Adam, with and without SN(-2)
+        assert {(s.config.agent.spectral_norm.layers, s.seed) for s in specs} == \
+            {(layers, seed) for layers in ("none", "-2") for seed in (0, 1, 2)}
+        assert all((s.config.agent.kind, s.config.agent.optimizer.name) == ("c51", "adam") for s in specs)
+        return
     assert specs[0].config.replay.record_to.startswith(str(tmp_path))
+    if path.name == "stability_controls_minatar.yaml":  # DQN and C51 × 5 controls × 3 seeds, offline
+        controls = [s for s in specs if s.stage == "controls"]
+        assert len(specs) == 3 + len(controls) and len(controls) == 2 * 5 * 3
+        rules = {(s.config.agent.optimizer.step_size_rule, s.config.agent.gradient_penalty > 0,
+                  s.config.agent.geometric_complexity_penalty > 0) for s in controls}
+        assert len(rules) == 5 and all(s.config.agent.optimizer.lr == 0.256 for s in controls)
+        assert all(s.deps == [f"record/collect_seed-{s.seed}"] for s in controls)
+        return
     if path.name.startswith("eos_regimes"):
         kinds = {(s.config.agent.kind, s.values.get("regime")) for s in specs if s.stage == "regimes"}
         assert len(kinds) == 10  # DQN and C51 in five regimes
@@ -265,7 +278,7 @@ def test_shipped_studies_plan(path, tmp_path):
     # The step-size sweeps: DQN and C51 × step sizes × regimes × seeds, SGD with heavy-ball
     # momentum 0.8, probes on; offline seed s reads the dataset recorded with seed s.
     full = path.name == "eos_lr_sweep_minatar.yaml"
-    seeds, lrs, modes = (([0, 1, 2], [0.008, 0.016, 0.032, 0.064], ("offline", "online")) if full
+    seeds, lrs, modes = (([0, 1, 2], [0.008, 0.016, 0.032, 0.064, 0.128, 0.256], ("offline", "online")) if full
                          else ([0, 1], [0.016, 0.064], ("offline",)))
     sweep = [s for s in specs if s.stage == "sweep"]
     assert len(specs) == len(seeds) + len(sweep) and len(sweep) == 2 * len(lrs) * len(modes) * len(seeds)
