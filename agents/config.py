@@ -60,7 +60,7 @@ class OptimizerConfig:
     with the threshold of the last η_t."""
     dal_power: float = 1.0
     """p of `drift_adjusted`: larger p shrinks steps more where the drift ‖Hg‖/‖g‖ > 1
-    (the paper's trade-off between stability and progress; p = 0 is plain SGD at 2)."""
+    (the paper's trade-off between stability and progress; p = 0 gives η_t = min(2, lr))."""
     corridor_scale: float = 1.0
     """c of `corridor` (c = 1 is Polyak's step with the loss's lower bound 0)."""
 

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from eosrl.agents import networks, spectral_norm
+from eosrl.agents import spectral_norm
 from eosrl.agents.config import AgentConfig, OptimizerConfig, ProbeConfig
 from eosrl.agents.eigensolvers import (Matvec, hutchinson_trace, lanczos, lanczos_eigenpairs, make_hvp,
                                        preconditioned, random_init, ritz_residuals, smallest_eigenpair,
