@@ -4,10 +4,10 @@ Acting applies the network with `update_sn=False`, so spectral-norm power
 iteration vectors never advance outside the learner.
 
 `Actor` steps one env (`eosrl train`); `VectorActor`, the distributed actor,
-steps its N envs (`distributed.envs_per_actor`) together with one jitted policy
-call on the batch of their observations (one env: the one-observation policy).
-Each row of that call draws its exploration from its own key exactly as the
-one-observation policy does, and each env keeps its own seed, adder, ε and
+steps its N envs (`distributed.envs_per_actor`) together, with at most one
+jitted network call on the batch of their observations per step (`EpsilonGreedy`:
+exploration is drawn on the host, per env, and a step on which every env explores
+calls no network). Each env keeps its own seed, exploration generator, adder, ε and
 episode bookkeeping (`_EnvStream`, shared with `Actor`), so env i of a vector
 actor writes exactly what a single-env actor with its seed would (builder.py,
 `actor_seed`). The envs are a plain list stepped in a loop, not gymnasium's
@@ -18,7 +18,7 @@ to skip that step) or 22 µs (autoreset in the same step, the final observation
 in `info`), merging every step's infos into arrays; a process per env
 (`AsyncVectorEnv`) would add a pipe round trip per step to a ~6 µs env on
 cores the actor already shares with XLA, Reverb's threads and the server.
-What costs time is the policy call (one per step of all N envs) and Reverb's
+What costs time is the network call and Reverb's
 writer (benchmarks/README.md, note 4).
 """
 from __future__ import annotations
@@ -43,42 +43,50 @@ def linear_epsilon(start: float, end: float, decay_steps: int) -> Callable[[int]
     return epsilon
 
 
-def _epsilon_greedy(network: networks.Network):
-    """ε-greedy actions for a batch: (params, net_state, obs [B, ...], rngs [B, 2], ε [B])
-    -> (actions [B], next rngs [B, 2]). Row i explores with its own key and ε, so it acts
-    as the one-observation policy does with that key."""
+def make_greedy(network: networks.Network):
+    """Jitted greedy actions for a batch: (params, net_state, obs [B, ...]) -> actions [B]."""
 
-    def explore(rng, epsilon):
-        next_rng, explore_rng, action_rng = jax.random.split(rng, 3)
-        random_action = jax.random.randint(action_rng, (), 0, network.num_actions)
-        return jax.random.uniform(explore_rng) < epsilon, random_action, next_rng
-
-    def policy(params, net_state, obs, rngs, epsilons):
+    def greedy(params, net_state, obs):
         out, _ = network.apply(params, net_state, obs, False)
-        greedy = jnp.argmax(networks.q_values(network, out), axis=-1)
-        explored, random_action, next_rngs = jax.vmap(explore)(rngs, epsilons)
-        return jnp.where(explored, random_action, greedy), next_rngs
+        return jnp.argmax(networks.q_values(network, out), axis=-1)
 
-    return policy
+    return jax.jit(greedy)
 
 
-def make_policy(network: networks.Network):
-    """Jitted ε-greedy action for one observation:
-    (params, net_state, obs, rng, ε) -> (action, next rng). The key is split
-    inside the jitted call because a host-side split costs as much as the policy."""
-    batched = _epsilon_greedy(network)
+class EpsilonGreedy:
+    """ε-greedy actions for N envs, each exploring with its own seed.
 
-    def policy(params, net_state, obs, rng, epsilon):
-        actions, next_rngs = batched(params, net_state, obs[None], rng[None], jnp.reshape(epsilon, (1,)))
-        return actions[0], next_rngs[0]
+    Env i draws its exploration on the host from a numpy generator seeded with its
+    seed: with probability ε_i a uniform random action, otherwise the network's
+    greedy one. The jitted network runs only when some env acts greedily, once for
+    the batch of all N observations, so a step on which every env explores costs no
+    network call; with one env and ε near 1 early in training that is most steps
+    (Dopamine acts this way; a network call is ~38 % of a single-env actor's step,
+    benchmarks/README.md note 2). The draws of env i depend only on its seed and
+    ε, so env i of N acts as a single-env policy with its seed does.
+    """
 
-    return jax.jit(policy)
+    def __init__(self, network: networks.Network, seeds: Sequence[int]):
+        self._greedy = make_greedy(network)  # compiled at its first call
+        self.num_actions = network.num_actions
+        self.reseed(seeds)
 
+    def reseed(self, seeds: Sequence[int]) -> None:
+        self._rngs = [np.random.default_rng(seed) for seed in seeds]
 
-def make_batched_policy(network: networks.Network):
-    """Jitted ε-greedy actions for a batch of observations, each with its own key and ε:
-    (params, net_state, obs [B, ...], rngs [B, 2], ε [B]) -> (actions [B], next rngs)."""
-    return jax.jit(_epsilon_greedy(network))
+    def __call__(self, params, net_state, observations: Sequence[np.ndarray],
+                 epsilons: Sequence[float]) -> List[int]:
+        """Actions of the first len(observations) envs (each with its ε). A shorter list
+        (the end of a share) pads the batch with its first observation, so the network
+        keeps one compiled shape."""
+        actions: List[Optional[int]] = [
+            int(rng.integers(self.num_actions)) if rng.random() < epsilon else None
+            for rng, epsilon in zip(self._rngs, epsilons)]
+        if any(action is None for action in actions):
+            batch = list(observations) + [observations[0]] * (len(self._rngs) - len(observations))
+            greedy = np.asarray(self._greedy(params, net_state, np.stack(batch))).tolist()
+            actions = [greedy[i] if action is None else action for i, action in enumerate(actions)]
+        return actions  # type: ignore[return-value]
 
 
 class EpisodeStats:
@@ -156,8 +164,7 @@ class Actor:
         self._stream = _EnvStream(env, adder, clip_rewards, recorder)
         self.epsilon = epsilon or linear_epsilon(agent.epsilon_start, agent.epsilon_end,
                                                  agent.epsilon_decay_steps)
-        self._policy = make_policy(network)
-        self._rng = jax.random.PRNGKey(seed)
+        self._policy = EpsilonGreedy(network, [seed])
         self._seed = seed
         self.params = None
         self.net_state = None
@@ -170,10 +177,9 @@ class Actor:
     def step(self) -> bool:
         """One env step; returns True when it ended an episode."""
         obs = self._stream.observation(self._seed if self.steps == 0 else None)
-        action, self._rng = self._policy(self.params, self.net_state, obs, self._rng,
-                                         self.epsilon(self.steps))
+        [action] = self._policy(self.params, self.net_state, [obs], [self.epsilon(self.steps)])
         self.steps += 1
-        return self._stream.step(int(action))
+        return self._stream.step(action)
 
 
 class VectorActor:
@@ -195,13 +201,8 @@ class VectorActor:
         self.streams = [_EnvStream(env, adder, clip_rewards) for env, adder in zip(envs, adders)]
         self.epsilons = list(epsilons) if epsilons is not None else [
             linear_epsilon(agent.epsilon_start, agent.epsilon_end, agent.epsilon_decay_steps)] * len(envs)
-        # One env takes the one-observation policy (the same actions): a batch of one
-        # costs ~15 µs more per step, to stack it and to move its ε array to the device.
-        self._single = make_policy(network) if len(envs) == 1 else None
-        self._policy = make_batched_policy(network)  # compiled at its first call only
+        self._policy = EpsilonGreedy(network, seeds)
         self._seeds = list(seeds)
-        keys = [jax.random.PRNGKey(seed) for seed in seeds]
-        self._rngs = keys[0] if self._single is not None else jnp.stack(keys)
         self.stats = [stream.stats for stream in self.streams]  # env i's episodes
         self.params = None
         self.net_state = None
@@ -226,16 +227,8 @@ class VectorActor:
         observations = [stream.observation(seed if first else None)
                         for stream, seed in zip(self.streams[:count], self._seeds)]
         t = self.steps // self.num_envs
-        if self._single is not None:
-            action, self._rngs = self._single(self.params, self.net_state, observations[0], self._rngs,
-                                              self.epsilons[0](t))
-            actions = [int(action)]
-        else:
-            # Envs left out of a last partial step are not reset: their rows repeat the first.
-            obs = np.stack(observations + observations[:1] * (self.num_envs - count))
-            epsilons = np.array([epsilon(t) for epsilon in self.epsilons], np.float32)
-            actions, self._rngs = self._policy(self.params, self.net_state, obs, self._rngs, epsilons)
-            actions = np.asarray(actions).tolist()  # one device-to-host read for all envs
+        actions = self._policy(self.params, self.net_state, observations,
+                               [epsilon(t) for epsilon in self.epsilons[:count]])
         self.steps += count
         return [i for i in range(count) if self.streams[i].step(actions[i])]
 
@@ -247,12 +240,12 @@ class Evaluator:
         self.env = env
         self.epsilon = epsilon
         self.seed = seed
-        self._policy = make_policy(network)
+        self._policy = EpsilonGreedy(network, [seed])
         self._episodes_run = 0
 
     def run(self, params, net_state, episodes: int, frames: Optional[list] = None) -> Dict[str, float]:
         """Returns return statistics; with `frames`, the first episode's renders are appended."""
-        rng = jax.random.PRNGKey(self.seed + self._episodes_run)
+        self._policy.reseed([self.seed + self._episodes_run])
         returns, lengths = [], []
         start = time.time()
         for episode in range(episodes):
@@ -263,8 +256,7 @@ class Evaluator:
             while not done:
                 if frames is not None and episode == 0:
                     frames.append(self.env.render())
-                action, rng = self._policy(params, net_state, obs, rng, self.epsilon)
-                action = int(action)
+                [action] = self._policy(params, net_state, [obs], [self.epsilon])
                 obs, reward, terminated, truncated, _ = self.env.step(action)
                 total += float(reward)
                 length += 1

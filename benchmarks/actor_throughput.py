@@ -1,6 +1,6 @@
 """Env steps/s of one actor process (eosrl actor, writing to a Reverb replay
-server over gRPC) against a bare loop of the same env and the same jitted
-policy in one process, measured in the same run (target ratio >= 0.9). The
+server over gRPC) against a bare loop of the same env and the same ε-greedy
+policy (the config's ε schedule from step 0, as the actor's) in one process, measured in the same run (target ratio >= 0.9). The
 actor's figure is the steps the server took in per second between 10 % and
 90 % of its run.
 
@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from eosrl.agents.actor import make_batched_policy, make_policy  # noqa: E402
+from eosrl.agents.actor import EpsilonGreedy  # noqa: E402
 from eosrl.agents.config import load_config  # noqa: E402
 from eosrl.envs.factory import make_env  # noqa: E402
 from eosrl.launch.channels import ParamsChannel, connect, inserted_steps  # noqa: E402
@@ -37,32 +36,18 @@ from eosrl.agents.builder import Builder  # noqa: E402
 
 
 def bare_loop(config, parts, steps: int, envs: int = 1) -> float:
-    """Env steps/s of `envs` envs stepped in a loop, with the one-observation policy
-    (one env) or one batched policy call per step of all of them."""
+    """Env steps/s of `envs` envs stepped in a loop with the actor's ε-greedy policy (the
+    same ε schedule, so the same share of steps that call the network)."""
     params, net_state = parts.network.init(jax.random.PRNGKey(0))
-    if envs == 1:
-        env = make_env(config.env, seed=1)
-        policy = make_policy(parts.network)
-        rng = jax.random.PRNGKey(1)
-        obs, _ = env.reset()
-        policy(params, net_state, obs, rng, 0.1)  # compile
-        start = time.perf_counter()
-        for _ in range(steps):
-            action, rng = policy(params, net_state, obs, rng, 0.1)
-            obs, _, terminated, truncated, _ = env.step(int(action))
-            if terminated or truncated:
-                obs, _ = env.reset()
-        return steps / (time.perf_counter() - start)
     vector = [make_env(config.env, seed=1 + i) for i in range(envs)]
-    policy = make_batched_policy(parts.network)
-    rngs = jax.numpy.stack([jax.random.PRNGKey(1 + i) for i in range(envs)])
-    epsilons = np.full(envs, 0.1, np.float32)
+    policy = EpsilonGreedy(parts.network, [1 + i for i in range(envs)])
+    epsilon = parts.epsilon()
     observations = [env.reset()[0] for env in vector]
-    policy(params, net_state, np.stack(observations), rngs, epsilons)  # compile
+    policy(params, net_state, observations, [0.0] * envs)  # compile
     start = time.perf_counter()
-    for _ in range(steps // envs):
-        actions, rngs = policy(params, net_state, np.stack(observations), rngs, epsilons)
-        for i, action in enumerate(np.asarray(actions).tolist()):
+    for t in range(steps // envs):
+        actions = policy(params, net_state, observations, [epsilon(t)] * envs)
+        for i, action in enumerate(actions):
             obs, _, terminated, truncated, _ = vector[i].step(action)
             observations[i] = vector[i].reset()[0] if terminated or truncated else obs
     return steps // envs * envs / (time.perf_counter() - start)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import CONFIGS
 from eosrl.agents import networks
-from eosrl.agents.actor import linear_epsilon, make_policy
+from eosrl.agents.actor import EpsilonGreedy, linear_epsilon
 from eosrl.agents.config import AgentConfig, OptimizerConfig, load_config
 from eosrl.agents.learner import Learner
 from eosrl.agents.types import Transition
@@ -208,30 +208,43 @@ def policy_setup():
     agent = AgentConfig(kind="dqn", network="mlp", hidden_sizes=[8])
     network = networks.make_network(agent, "gym", (2,), 4)
     params, net_state = network.init(jax.random.PRNGKey(3))
-    policy = make_policy(network)
-    return network, params, net_state, policy
+    return network, params, net_state
 
 
 def test_epsilon_zero_always_takes_the_greedy_action(policy_setup):
-    """Breaks if the policy explores at ε = 0, takes argmin, or returns the same rng it got."""
-    network, params, net_state, policy = policy_setup
+    """Breaks if the policy explores at ε = 0, takes argmin, or mixes up the rows of a batch."""
+    network, params, net_state = policy_setup
     obs = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
-    keys = jax.random.split(jax.random.PRNGKey(0), 256)
-    actions, next_keys = jax.vmap(policy, in_axes=(None, None, 0, 0, None))(
-        params, net_state, obs, keys, 0.0)
+    actions = EpsilonGreedy(network, range(256))(params, net_state, list(obs), [0.0] * 256)
     greedy = np.argmax(network.apply(params, net_state, obs, False)[0], axis=1)
     assert len(set(greedy.tolist())) > 1  # the check would be weak with one greedy action
-    np.testing.assert_array_equal(actions, greedy)
-    assert not np.any(np.all(np.asarray(next_keys) == np.asarray(keys), axis=1))
+    assert actions == greedy.tolist()
 
 
-def test_epsilon_one_is_uniform_over_actions(policy_setup):
-    """Breaks if ε = 1 still takes the greedy action or the random action misses some actions."""
-    _, params, net_state, policy = policy_setup
-    n = 4000
-    keys = jax.random.split(jax.random.PRNGKey(1), n)
-    obs = np.array([0.5, -0.5], np.float32)
-    actions, _ = jax.vmap(policy, in_axes=(None, None, None, 0, None))(
-        params, net_state, obs, keys, 1.0)
+def test_epsilon_one_is_uniform_over_actions_and_calls_no_network(policy_setup):
+    """Breaks if ε = 1 still takes the greedy action, the random action misses some actions,
+    or a step on which every env explores calls the network (params None would fail there)."""
+    network, _, _ = policy_setup
+    n, envs = 4000, 8
+    policy = EpsilonGreedy(network, range(envs))
+    obs = [np.array([0.5, -0.5], np.float32)] * envs
+    actions = [a for _ in range(n // envs) for a in policy(None, None, obs, [1.0] * envs)]
     freq = np.bincount(np.asarray(actions), minlength=4) / n
     np.testing.assert_allclose(freq, 0.25, atol=0.04)  # σ ≈ 0.007 per action
+
+
+def test_each_env_explores_with_its_own_epsilon_and_seed(policy_setup):
+    """Breaks if an env's ε is not its own (env 0 never explores, env 1 explores at 0.5), if
+    its draws depend on the other envs, or if a partial step draws for the envs it leaves out."""
+    network, params, net_state = policy_setup
+    obs = np.array([0.5, -0.5], np.float32)
+    greedy = int(np.argmax(network.apply(params, net_state, obs[None], False)[0][0]))
+    pair, single = EpsilonGreedy(network, [7, 8]), EpsilonGreedy(network, [8])
+    steps = [pair(params, net_state, [obs, obs], [0.0, 0.5]) for _ in range(1000)]
+    assert all(a == greedy for a, _ in steps)
+    explored = np.mean([b != greedy for _, b in steps])
+    assert explored == pytest.approx(0.5 * 3 / 4, abs=0.05)  # a random action is greedy 1 in 4
+    assert [b for _, b in steps] == [single(params, net_state, [obs], [0.5])[0] for _ in range(1000)]
+    pair(params, net_state, [obs], [1.0])  # env 0 only: env 1's generator must not move
+    assert [pair(params, net_state, [obs, obs], [0.0, 0.5])[1] for _ in range(50)] == \
+        [single(params, net_state, [obs], [0.5])[0] for _ in range(50)]

@@ -581,6 +581,25 @@ def test_report_without_batch_sharpness_has_no_batch_table(tmp_path):
         table_rows(text, "λ₁ relative to the stability threshold")["r"][6:9] == \
         ["2/2", "2, 1", "0.44 [0.25, 0.62]", "0.25 [0.00, 0.50]", "0.25 [0.00, 0.50]"]
     assert "Batch sharpness" not in text and "batch_sharpness_over_threshold.png" not in text
+    assert "### Hessian λ₁ (raw)" not in text  # plain SGD probes have no raw_sharpness
+
+
+def test_report_aggregates_the_raw_hessian_sharpness_of_adaptive_optimisers(tmp_path):
+    """Breaks if the raw λ₁ (the Hessian's own, which an Adam probe records beside the
+    preconditioned one) is not aggregated, or a non-finite value enters its peak or end."""
+    path = write_study(tmp_path, {"name": "seeds", "base": CARTPOLE, "seeds": [0, 1],
+                                  "stages": [{"name": "s", "runs": [{"name": "r"}]}]})
+    specs = st.plan_study(st.load_study(path), path, tmp_path / "out")
+    for spec, raw in zip(specs, ([10.0, 30.0, 20.0], [40.0, "nan"])):
+        records = probes(*[1.0] * len(raw))
+        for record, value in zip(records, raw):
+            record["raw_sharpness"] = value
+        write_metrics(spec.run_dir, records + ended(100 * len(raw), "completed", 1.0))
+    text = st.write_report(st.load_study(path), path, tmp_path / "out", specs, {}).read_text()
+    # Seed 0: peak 30, end (10+30+20)/3 = 20; seed 1: the NaN left out, peak = end = 40.
+    # Two seeds: the IQM is the mean, the interval the two values.
+    assert table_rows(text, "Hessian λ₁ (raw) under an adaptive optimiser")["r"][3:] == \
+        ["2/2", "3, 1", "35.00 [30.00, 40.00]", "30.00 [20.00, 40.00]", "20.00, 40.00"]
 
 
 # ----------------------------------------------------------------------------

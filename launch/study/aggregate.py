@@ -40,6 +40,7 @@ class SeedRun:
     divergence_step: Optional[int]
     final_return: Optional[float]  # see DEFINITIONS
     ratios: Dict[str, Series]  # SHARPNESS_FIELDS key -> its probes over the threshold
+    raw: Series  # (update, raw_sharpness): λ₁ of the Hessian itself, probed under a preconditioner
     thresholds: List[float]  # the finite thresholds of its probes
 
     @property
@@ -81,6 +82,13 @@ def ratio_series(records: Sequence[Dict[str, Any]], field: str) -> Series:
     return sorted(points, key=lambda p: p[0])
 
 
+def value_series(records: Sequence[Dict[str, Any]], field: str) -> Series:
+    """(update, record[field]) of each probe with a finite `field`."""
+    points = [(number(r.get("step")), number(r.get(field))) for r in records if r.get("kind") == "probe"]
+    return sorted(((s, v) for s, v in points if s is not None and v is not None and math.isfinite(v)),
+                  key=lambda p: p[0])
+
+
 def final_return(records: Sequence[Dict[str, Any]], finished: Dict[str, Any]) -> Optional[float]:
     """A completed run's final evaluation; a diverged run's last periodic one; None otherwise."""
     if finished.get("status") == "completed":
@@ -104,6 +112,7 @@ def read_run(spec: RunSpec) -> SeedRun:
                    divergence_step=int(divergence["step"]) if divergence else None,
                    final_return=final_return(records, finished),
                    ratios={f: ratio_series(records, f) for f in SHARPNESS_FIELDS},
+                   raw=value_series(records, "raw_sharpness"),
                    thresholds=[t for t in thresholds if t is not None and math.isfinite(t)])
 
 
@@ -175,6 +184,19 @@ def ratio_summary(group: Group, field: str = "sharpness") -> Optional[Dict[str, 
             "diverged": sum(r.diverged for r in group.runs)}
 
 
+def raw_summary(group: Group) -> Optional[Dict[str, Any]]:
+    """Per run with `raw_sharpness` probes (an adaptive optimiser, whose `sharpness` is of the
+    preconditioned Hessian): the peak and the mean of the last END_PROBES values of λ₁ of the
+    Hessian itself, each aggregated over seeds (IQM, CI). None when no run has them."""
+    runs = [r for r in group.runs if r.raw]
+    if not runs:
+        return None
+    peaks = [max(v for _, v in r.raw) for r in runs]
+    end = [float(np.mean([v for _, v in r.raw[-END_PROBES:]])) for r in runs]
+    return {"n": len(runs), "runs": len(group.runs), "probes": [len(r.raw) for r in runs],
+            "peak": across_seeds(peaks), "peak_per_seed": peaks, "end": across_seeds(end), "end_per_seed": end}
+
+
 DEFINITIONS = [
     "Runs of a stage that differ only by seed (`seeds:`, or a `run.seed` grid axis) form a group; "
     "*runs* is the number of its runs that have the quantity / the number of its runs.",
@@ -203,4 +225,8 @@ DEFINITIONS = [
     "the median over seeds counts *never* as later than any update (so it is *never* when half or more "
     "of the seeds never got there), followed by the per-seed values.",
     "**diverged**: runs whose learner finished `diverged` (a non-finite TD loss).",
+    "**Hessian λ₁ (raw)**, for adaptive optimisers only: their `sharpness` is λ₁ of the preconditioned "
+    "Hessian P⁻¹H (compared with their threshold); the probe's `raw_sharpness` is λ₁ of the TD loss's "
+    "Hessian H itself, the quantity to compare between runs whose preconditioners differ. Peak and end "
+    "as above, in the loss's own units.",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from eosrl.launch.rundir import RunDir
 from eosrl.launch.study.aggregate import (DEFINITIONS, EDGE, END_PROBES, SHARPNESS_FIELDS, Group, group_runs,
-                                          ratio_summary, returns_summary)
+                                          ratio_summary, raw_summary, returns_summary)
 from eosrl.launch.study.spec import FINISHED, RunResult, RunSpec, summarize_run
 
 
@@ -85,6 +85,22 @@ def ratio_table(groups: Sequence[Group], field: str) -> List[str]:
             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|"] + rows
 
 
+def raw_table(groups: Sequence[Group]) -> List[str]:
+    """The across-seed table of the Hessian's own λ₁ (`raw_sharpness`); [] when no group has it."""
+    rows = []
+    for group in groups:
+        r = raw_summary(group)
+        if r is not None:
+            rows.append(_group_cells(group) + f"| {r['n']}/{r['runs']} | {', '.join(map(str, r['probes']))} "
+                        f"| {_interval(r['peak'])} | {_interval(r['end'])} "
+                        f"| {', '.join(_fmt(v) for v in r['end_per_seed'])} |")
+    if not rows:
+        return []
+    return ["| stage | group | grid values | runs | probes per run | peak Hessian λ₁, IQM [95 % CI] "
+            f"| end: last {END_PROBES} probes' mean, IQM [95 % CI] | end per seed |",
+            "|---|---|---|---:|---|---:|---:|---|"] + rows
+
+
 def across_seeds_section(groups: Sequence[Group]) -> List[str]:
     """The aggregated tables, when some group has more than one run (otherwise they would
     repeat the run table)."""
@@ -103,6 +119,9 @@ def across_seeds_section(groups: Sequence[Group]) -> List[str]:
                           "compared with the same `threshold` as λ₁, with the same definitions. With momentum "
                           "that is not an established batch-sharpness threshold (agents/probes.py, "
                           "`Prober.probe`): expect a ratio near 1 only with large batches."]
+    table = raw_table(groups)
+    if table:
+        lines += ["", "### Hessian λ₁ (raw) under an adaptive optimiser", ""] + table
     return lines + [""]
 
 
