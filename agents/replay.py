@@ -3,7 +3,10 @@
 Storage layout. The adder appends one row per env step to a Reverb
 TrajectoryWriter. A row holds the newest single frame of the observation
 (for Atari one 84×84 frame, not the stack) and, once known, the n-step
-action/return/discount of the transition that started n steps earlier. An
+(action, return, discount) of the transition that started n steps earlier,
+packed in one float32 cell: each cell of an item is a chunk slice that
+Reverb's sampler locates, decodes and copies on its own, so three scalar
+columns cost more to sample than one (benchmarks/README.md, note 1). An
 item references the frames of both observations by cell, so a stacked
 observation costs nothing extra: consecutive items share their frames.
 An episode starts with the older frames of the reset observation's stack as
@@ -12,11 +15,11 @@ frame of the previous episode can leak into it. (Reverb cannot reference one
 cell twice in an item, so the padding cannot be repeated references.)
 
 Item structure (the table signature):
-  obs       [stack, *frame]   frames t-stack+1 .. t
-  action    []  int32         a_t
-  reward    []  float32       r_t + γ r_{t+1} + ... (m ≤ n terms, stops at a terminal)
-  discount  []  float32       γ^m, or 0 when the episode terminated within the m steps
-  next_obs  [stack, *frame]   frames t+m-stack+1 .. t+m
+  obs         [stack, *frame]   frames t-stack+1 .. t
+  next_obs    [stack, *frame]   frames t+m-stack+1 .. t+m
+  transition  [3]  float32      (a_t, exact in float32 for any action count an env has;
+                                 r_t + γ r_{t+1} + ... with m ≤ n terms, stopping at a terminal;
+                                 γ^m, or 0 when the episode terminated within the m steps)
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ from eosrl.agents.types import Transition
 REPLAY_TABLE = "replay"
 # The signature's fields in its flat order (sorted keys, as tree.flatten orders a dict),
 # and which of them are one squeezed cell (a scalar) rather than a sequence of frames.
-ITEM_FIELDS = ("action", "discount", "next_obs", "obs", "reward")
-_SQUEEZED = [field not in ("obs", "next_obs") for field in ITEM_FIELDS]
+ITEM_FIELDS = ("next_obs", "obs", "transition")
+_SQUEEZED = [field == "transition" for field in ITEM_FIELDS]
+TRANSITION_FIELDS = ("action", "reward", "discount")  # the packed cell's entries, in order
 PARAMS_TABLE = "params"
 PROBE_TABLE = "probe_snapshots"
 # Items a writer may have unconfirmed: Reverb logs "the number of pending items is alarmingly
@@ -48,13 +52,7 @@ ITEMS_PER_DRAW = 256
 
 def item_signature(frame_shape: Sequence[int], frame_dtype, frame_stack: int) -> Dict[str, tf.TensorSpec]:
     obs = tf.TensorSpec((frame_stack,) + tuple(frame_shape), tf.as_dtype(np.dtype(frame_dtype)))
-    return {
-        "obs": obs,
-        "action": tf.TensorSpec((), tf.int32),
-        "reward": tf.TensorSpec((), tf.float32),
-        "discount": tf.TensorSpec((), tf.float32),
-        "next_obs": obs,
-    }
+    return {"obs": obs, "next_obs": obs, "transition": tf.TensorSpec((len(TRANSITION_FIELDS),), tf.float32)}
 
 
 def replay_table(capacity: int, min_size: int, signature,
@@ -103,8 +101,8 @@ def start_server(tables: List[reverb.Table], port: Optional[int] = None,
 
 class _CellWriter:
     """A Reverb TrajectoryWriter driven in flat columns, for one `TransitionAdder` or
-    shared by the adders of an actor's envs: 0 the frames of the first env, 1 action,
-    2 reward, 3 discount, and 3 + i the frames of env i > 0. Each env needs a frame
+    shared by the adders of an actor's envs: 0 the frames of the first env, 1 the
+    packed transition, and 1 + i the frames of env i > 0. Each env needs a frame
     column of its own because Reverb encodes an item's cells in one chunk as one slice
     from the first of them (`MergeAdjacent`): a stack whose frames had another env's
     frames between them would read those.
@@ -195,9 +193,9 @@ class TransitionAdder:
         # Oldest referenced row is at most (n-1) transition-only rows + n + stack rows back.
         self._writer = _writer or _CellWriter(client, table, max_in_flight_items, 2 * n_step + 2 * frame_stack + 2)
         self._cells = self._writer.cells
-        # This env's frame column (_CellWriter): 0, or 3 + env after the transition's three.
-        self._frame_column = 0 if _env == 0 else 3 + _env
-        self._padding = [None] * (self._frame_column - 4)
+        # This env's frame column (_CellWriter): 0, or 1 + env after the transition's.
+        self._frame_column = 0 if _env == 0 else 1 + _env
+        self._padding = [None] * (self._frame_column - 2)
         # Cell references of the newest frames; the oldest an item uses is n + stack - 1 back.
         self._frames: Deque = collections.deque(maxlen=n_step + frame_stack)
         self._row = -1                    # step index t of the last observation in this episode
@@ -219,18 +217,18 @@ class TransitionAdder:
     def _frame(self, obs: np.ndarray) -> np.ndarray:
         return obs[..., -1] if self._stack > 1 else obs
 
-    def _append(self, frame: Optional[np.ndarray], transition: Sequence = (None, None, None)) -> List[Any]:
-        """One row: a frame and/or the (action, n-step return, discount) of a transition;
-        returns the cells of the transition's three fields."""
+    def _append(self, frame: Optional[np.ndarray], transition: Optional[np.ndarray] = None) -> Any:
+        """One row: a frame and/or the packed (action, n-step return, discount) of a
+        transition; returns the transition's cell."""
         if self._frame_column == 0:
-            refs = self._cells.Append([frame, *transition])
+            refs = self._cells.Append([frame, transition])
         elif frame is None:
-            refs = self._cells.Append([None, *transition])
+            refs = self._cells.Append([None, transition])
         else:
-            refs = self._cells.Append([None, *transition, *self._padding, frame])
+            refs = self._cells.Append([None, transition, *self._padding, frame])
         if frame is not None:
             self._frames.append(refs[self._frame_column])
-        return refs[1:4]
+        return refs[1]
 
     def _stack_refs(self, t: int) -> List[Any]:
         """Cells of the frames of the observation at step t: rows t .. t+stack-1 counting the
@@ -246,19 +244,19 @@ class TransitionAdder:
         self._row = 0
         self._actions, self._rewards, self._continues = [], [], []
 
-    def _n_step(self, start: int, end: int):
-        """Return and bootstrap discount of the transition from row `start` to row `end`."""
+    def _transition(self, start: int, end: int) -> np.ndarray:
+        """The packed (action, return, bootstrap discount) of the transition from row
+        `start` to row `end`."""
         ret, scale = 0.0, 1.0
         for t in range(start, end):
             ret += scale * self._rewards[t]
             scale *= self._gamma * self._continues[t]
-        return np.float32(ret), np.float32(scale)
+        return np.array([self._actions[start], ret, scale], np.float32)
 
-    def _create_item(self, start: int, end: int, transition: List[Any]) -> None:
-        """The item from step `start` to step `end`, with the cells `_append` returned."""
-        action, reward, discount = transition
-        # In ITEM_FIELDS order: action, discount, next_obs, obs, reward.
-        self._writer.create_item([[action], [discount], self._stack_refs(end), self._stack_refs(start), [reward]])
+    def _create_item(self, start: int, end: int, transition: Any) -> None:
+        """The item from step `start` to step `end`, with the cell `_append` returned."""
+        # In ITEM_FIELDS order: next_obs, obs, transition.
+        self._writer.create_item([self._stack_refs(end), self._stack_refs(start), [transition]])
         self.items_written += 1
 
     def add(self, action: int, reward: float, terminated: bool, truncated: bool, next_obs: np.ndarray,
@@ -272,8 +270,7 @@ class TransitionAdder:
         # A terminal inside the window makes later frames irrelevant, but the
         # bootstrap discount is then 0, so the same item layout stays correct.
         if start >= 0:
-            transition = self._append(self._frame(next_obs), (np.int32(self._actions[start]),
-                                                              *self._n_step(start, self._row)))
+            transition = self._append(self._frame(next_obs), self._transition(start, self._row))
             self._create_item(start, self._row, transition)
         else:
             self._append(self._frame(next_obs))
@@ -281,8 +278,7 @@ class TransitionAdder:
             # Transitions that started fewer than n steps before the end bootstrap
             # (or not, after a terminal) from the final observation.
             for start in range(max(0, self._row - self._n + 1), self._row):
-                transition = self._append(None, (np.int32(self._actions[start]),
-                                                 *self._n_step(start, self._row)))
+                transition = self._append(None, self._transition(start, self._row))
                 self._create_item(start, self._row, transition)
             if self._owns_episodes:
                 self._writer.end_episode()
@@ -303,11 +299,21 @@ def item_to_transition(frame_stack: int):
         def stacked(frames):
             # [B, stack, *frame] -> [B, *frame, stack] (Atari) or [B, *obs] (no stack).
             return frames[:, 0] if frame_stack == 1 else jnp.moveaxis(frames, 1, -1)
-        return Transition(obs=stacked(data["obs"]), action=data["action"],
-                          reward=data["reward"], discount=data["discount"],
-                          next_obs=stacked(data["next_obs"]))
+        packed = data["transition"]
+        return Transition(obs=stacked(data["obs"]), action=packed[:, 0].astype(jnp.int32),
+                          reward=packed[:, 1], discount=packed[:, 2], next_obs=stacked(data["next_obs"]))
 
     return convert
+
+
+def unpacked(items: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Items (one or a batch) with their packed transition as `action` (int32), `reward`
+    and `discount`: a readable view for tests and inspection."""
+    out = {key: value for key, value in items.items() if key != "transition"}
+    packed = np.asarray(items["transition"])
+    for i, field in enumerate(TRANSITION_FIELDS):
+        out[field] = packed[..., i].astype(np.int32) if field == "action" else packed[..., i]
+    return out
 
 
 def batch_stream(address: str, batch_size: int, table: str = REPLAY_TABLE,

@@ -15,7 +15,7 @@ def _server(frame_shape, dtype, stack, capacity=1000):
 
 def _all_items(client, sig, count):
     """Every item of the table, keyed by action (each test step uses its own action)."""
-    batch = replay.sample_items(client, count * 50, sig)
+    batch = replay.unpacked(replay.sample_items(client, count * 50, sig))
     return {int(a): {k: v[i] for k, v in batch.items()} for i, a in enumerate(batch["action"])}
 
 
@@ -83,11 +83,15 @@ def test_episode_boundary_does_not_leak_frames_and_life_loss_stops_bootstrap():
 
 
 def test_item_to_transition_restores_env_layout():
-    data = {"obs": np.arange(2 * 4 * 3 * 3).reshape(2, 4, 3, 3), "action": np.zeros(2, np.int32),
-            "reward": np.zeros(2, np.float32), "discount": np.ones(2, np.float32)}
+    data = {"obs": np.arange(2 * 4 * 3 * 3).reshape(2, 4, 3, 3),
+            "transition": np.array([[2, 0.5, 0.99], [17, -1.0, 0.0]], np.float32)}
     data["next_obs"] = data["obs"]
     batch = replay.item_to_transition(4)(data)
     assert batch.obs.shape == (2, 3, 3, 4)
     np.testing.assert_array_equal(np.asarray(batch.obs)[1, :, :, 2], data["obs"][1, 2])
+    # The packed transition: (action, n-step return, discount), the action back as int32.
+    assert batch.action.dtype == np.int32 and list(np.asarray(batch.action)) == [2, 17]
+    np.testing.assert_array_equal(batch.reward, [0.5, -1.0])
+    np.testing.assert_array_equal(batch.discount, np.float32([0.99, 0.0]))
     flat = replay.item_to_transition(1)({**data, "obs": data["obs"][:, :1], "next_obs": data["obs"][:, :1]})
     assert flat.obs.shape == (2, 3, 3)

@@ -140,8 +140,9 @@ def test_vector_actor_writes_what_single_env_actors_with_its_seeds_write(envs, s
             assert len(reference) > 2 * len(actor.stats.lengths)  # several episodes of several items
             _assert_same_items(mine, reference)
         assert {int(item["obs"][0, 0, 0]) for item in items} == set(range(envs))  # no item of no env
-        assert any(float(item["discount"]) == 0.0 for item in items)  # terminals and life losses
-        assert any(0.0 < float(item["discount"]) < GAMMA ** N_STEP + 1e-6 for item in items)
+        discounts = [float(replay.unpacked(item)["discount"]) for item in items]
+        assert any(d == 0.0 for d in discounts)  # terminals and life losses
+        assert any(0.0 < d < GAMMA ** N_STEP + 1e-6 for d in discounts)
     finally:
         server.stop()
 
