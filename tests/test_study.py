@@ -270,10 +270,16 @@ def test_shipped_studies_plan(path, tmp_path):
         assert len(rules) == 5 and all(s.config.agent.optimizer.lr == 0.256 for s in controls)
         assert all(s.deps == [f"record/collect_seed-{s.seed}"] for s in controls)
         return
-    if path.name.startswith("eos_regimes"):
-        kinds = {(s.config.agent.kind, s.values.get("regime")) for s in specs if s.stage == "regimes"}
-        assert len(kinds) == 10  # DQN and C51 in five regimes
-        assert all(s.deps == ["record/collect"] for s in specs if s.config.regime.mode == "offline")
+    if path.name.startswith("eos_regimes"):  # DQN and C51 in six regimes, 3 seeds (the small one: 1)
+        regimes = [s for s in specs if s.stage == "regimes"]
+        seeds = [0, 1, 2] if path.name == "eos_regimes_minatar.yaml" else [None]
+        assert len(regimes) == 12 * len(seeds) and {s.seed for s in regimes} == set(seeds)
+        assert {s.config.regime.mode for s in regimes} == {"online", "offline", "offline_to_online"}
+        for s in regimes:
+            collect = "record/collect" if s.seed is None else f"record/collect_seed-{s.seed}"
+            assert s.deps == ([] if s.config.regime.mode == "online" else [collect])
+        if seeds != [None]:
+            assert all(s.config.agent.optimizer.lr == 0.256 for s in regimes)
         return
     # The step-size sweeps: DQN and C51 × step sizes × regimes × seeds, SGD with heavy-ball
     # momentum 0.8, probes on; offline seed s reads the dataset recorded with seed s.
