@@ -306,6 +306,13 @@ def item_to_transition(frame_stack: int):
     return convert
 
 
+def packed(action, reward, discount) -> np.ndarray:
+    """The `transition` field of items with these actions, n-step returns and discounts
+    (each [B] or scalars): [B, 3] float32, as the adder writes it."""
+    return np.stack([np.asarray(action, np.float32), np.asarray(reward, np.float32),
+                     np.asarray(discount, np.float32)], axis=-1)
+
+
 def unpacked(items: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Items (one or a batch) with their packed transition as `action` (int32), `reward`
     and `discount`: a readable view for tests and inspection."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, ROOT
+from eosrl.agents import replay
 
 PINS = ROOT / "tests" / "data" / "learner_pins.json"
 CASES = {
@@ -32,10 +33,10 @@ def _batches(spec, batch_size, rng):
     for _ in range(UPDATES):
         obs = rng.normal(size=(batch_size, 1) + tuple(spec.frame_shape)).astype(spec.obs_dtype)
         next_obs = rng.normal(size=(batch_size, 1) + tuple(spec.frame_shape)).astype(spec.obs_dtype)
-        yield {"obs": obs, "next_obs": next_obs,
-               "action": rng.integers(spec.num_actions, size=batch_size).astype(np.int32),
-               "reward": rng.normal(size=batch_size).astype(np.float32),
-               "discount": (0.99 * (rng.random(batch_size) > 0.1)).astype(np.float32)}
+        action = rng.integers(spec.num_actions, size=batch_size).astype(np.int32)
+        reward = rng.normal(size=batch_size).astype(np.float32)
+        discount = (0.99 * (rng.random(batch_size) > 0.1)).astype(np.float32)
+        yield {"obs": obs, "next_obs": next_obs, "transition": replay.packed(action, reward, discount)}
 
 
 def _moments(tree):

@@ -10,6 +10,7 @@ import pytest
 
 from eosrl.agents.config import load_config
 from conftest import CONFIGS, ROOT
+from eosrl.agents import replay
 from eosrl.launch.rundir import read_metrics
 from eosrl.agents.builder import Builder
 from eosrl.launch.train import train
@@ -69,8 +70,7 @@ def test_checkpoint_round_trip_restores_identical_state(tmp_path):
     learner = parts.make_learner()
     rng = np.random.default_rng(0)
     batch = {"obs": rng.normal(size=(64, 1, 4)).astype(np.float32),
-             "action": rng.integers(0, 2, 64).astype(np.int32),
-             "reward": np.ones(64, np.float32), "discount": np.full(64, 0.99, np.float32),
+             "transition": replay.packed(rng.integers(0, 2, 64), np.ones(64), np.full(64, 0.99)),
              "next_obs": rng.normal(size=(64, 1, 4)).astype(np.float32)}
     for _ in range(5):
         learner.update(batch)
