@@ -10,7 +10,7 @@ same batched policy (targets: ratio >= 0.85, and >= 3x the single-env actor,
 which is measured in the same run).
 
     python benchmarks/actor_throughput.py [--config configs/dqn_minatar_breakout.yaml] [--steps N]
-        [--envs-per-actor N]
+        [--envs-per-actor N] [--epsilon E]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +54,15 @@ def bare_loop(config, parts, steps: int, envs: int = 1) -> float:
     return steps // envs * envs / (time.perf_counter() - start)
 
 
-def actor_process(config_path: str, parts, steps: int, tmp: Path, envs: int = 1) -> float:
+def actor_process(config_path: str, parts, steps: int, tmp: Path, envs: int = 1,
+                  overrides: Sequence[str] = ()) -> float:
     import portpicker
     port = portpicker.pick_unused_port()
     address = f"localhost:{port}"
     # No learner samples here, so the rate limiter gets a buffer that never blocks inserts.
     big = ["--set", f"replay.capacity={steps + 1000}", "--set", "replay.min_size=32",
-           "--set", "distributed.error_buffer=1e12", "--set", f"distributed.envs_per_actor={envs}"]
+           "--set", "distributed.error_buffer=1e12", "--set", f"distributed.envs_per_actor={envs}",
+           *[arg for override in overrides for arg in ("--set", override)]]
     server = subprocess.Popen([sys.executable, "-m", "eosrl.launch.cli", "replay-server", config_path,
                                "--port", str(port), *big], cwd=ROOT)
     try:
@@ -95,18 +98,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--envs-per-actor", type=int, default=1,
                         help="envs stepped together by the actor and the bare loop")
+    parser.add_argument("--epsilon", type=float, default=None,
+                        help="a fixed ε for the actors and the bare loop (default: the config's schedule "
+                             "from step 0, mostly exploring, so mostly without a network call)")
     args = parser.parse_args()
-    config = load_config(args.config)
+    overrides = [] if args.epsilon is None else [f"agent.epsilon_start={args.epsilon}",
+                                                 f"agent.epsilon_end={args.epsilon}"]
+    config = load_config(args.config, overrides)
     parts = Builder(config)
     envs = args.envs_per_actor
     bare = bare_loop(config, parts, args.steps, envs)
     with tempfile.TemporaryDirectory() as tmp:
-        actor = actor_process(args.config, parts, args.steps, Path(tmp), envs)
+        actor = actor_process(args.config, parts, args.steps, Path(tmp), envs, overrides)
     single = None
     if envs > 1:
         with tempfile.TemporaryDirectory() as tmp:
-            single = actor_process(args.config, parts, args.steps, Path(tmp))
-    print(f"{args.config}: {args.steps} env steps, {envs} env(s) per actor")
+            single = actor_process(args.config, parts, args.steps, Path(tmp), 1, overrides)
+    epsilon = "the config's schedule" if args.epsilon is None else f"{args.epsilon:g}"
+    print(f"{args.config}: {args.steps} env steps, {envs} env(s) per actor, ε {epsilon}")
     print(f"bare loop (env(s) + jitted policy, one process): {bare:8.1f} steps/s")
     print(f"actor process writing to Reverb:                {actor:8.1f} steps/s")
     print(f"ratio actor/bare: {actor / bare:.3f}  (target >= {0.9 if envs == 1 else 0.85})")
