@@ -56,8 +56,13 @@ def _run_config(args, command: str):
         if not run_dir.config.is_file():
             raise UsageError(f"--resume {args.resume}: no config.yaml there (is it a run directory?)")
         from eosrl.agents import checkpoint
-        if checkpoint.latest(run_dir.checkpoints) is None:
+        from eosrl.launch.resume import item_layout_problem
+        latest = checkpoint.latest(run_dir.checkpoints)
+        if latest is None:
             raise UsageError(f"--resume {args.resume}: no checkpoint in {run_dir.checkpoints}")
+        problem = item_layout_problem(checkpoint.read_meta(latest))
+        if problem is not None:
+            raise UsageError(f"--resume {args.resume}: checkpoint {latest.name}: {problem}")
         config = _load(str(run_dir.config), args.set, verify_dataset="open")
         if args.set:  # what runs is what config.yaml says
             save_config(config, run_dir.config)

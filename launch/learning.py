@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eosrl.agents import checkpoint
+from eosrl.agents import checkpoint, replay
 from eosrl.agents.builder import Builder
 from eosrl.launch import resume
 from eosrl.launch.channels import SnapshotQueue
@@ -202,7 +202,7 @@ class LearnerLoop:
             return None
         keep_batch = self._fixed_probe_batch() and self.probe_batch is not None
         meta = {**self._checkpoint_meta(), "env_steps": env_steps, "learner_step": self.learner.step,
-                "has_probe_batch": keep_batch}
+                "has_probe_batch": keep_batch, "item_fields": list(replay.ITEM_FIELDS)}
         if self._snapshot is not None:
             meta["replay_checkpoint"] = self._snapshot()
         path = self.learner.save(self.run_dir.checkpoints, keep=self.config.run.keep_checkpoints,

@@ -28,6 +28,25 @@ def snapshots_replay(config) -> bool:
     return config.replay.checkpoint and config.regime.mode != "offline"
 
 
+# The item fields of checkpoints written before `item_fields` was recorded in their meta,
+# when actions, returns and discounts were cells of their own (agents/replay.py).
+UNPACKED_ITEM_FIELDS = ("action", "discount", "next_obs", "obs", "reward")
+
+
+def item_layout_problem(meta: dict) -> Optional[str]:
+    """Why this version cannot resume from a checkpoint with `meta`: its replay snapshot
+    or fixed probe batch holds items of another layout. None when it can (the learner
+    state does not depend on the layout, so a checkpoint with neither resumes)."""
+    from eosrl.agents.replay import ITEM_FIELDS  # loads TensorFlow: only on resume
+    fields = tuple(meta.get("item_fields", UNPACKED_ITEM_FIELDS))
+    held = [what for what, present in (("replay snapshot", _paired(meta) is not None),
+                                        ("probe batch", meta.get("has_probe_batch"))) if present]
+    if fields == ITEM_FIELDS or not held:
+        return None
+    return (f"its {' and '.join(held)} hold replay items with fields {', '.join(fields)}; this eosrl "
+            f"reads {', '.join(ITEM_FIELDS)}: start a new run with this version")
+
+
 def _paired(meta: dict) -> Optional[Path]:
     path = meta.get("replay_checkpoint")
     return Path(path) if path and (Path(path) / "DONE").exists() else None

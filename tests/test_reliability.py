@@ -117,6 +117,25 @@ def test_corrupt_dataset_is_refused_before_the_run_dir_exists(tmp_path, monkeypa
     assert not (tmp_path / "offline").exists()
 
 
+def test_resume_refuses_a_checkpoint_whose_items_have_another_layout(tmp_path, capsys):
+    """Breaks if a run whose fixed probe batch (or replay snapshot) holds items of the
+    layout before the packed transition cell resumes into a confusing error later, or if
+    a checkpoint with neither (its learner state does not depend on the layout) is refused."""
+    from eosrl.agents.config import save_config
+    from eosrl.agents.replay import ITEM_FIELDS
+    from eosrl.launch.resume import UNPACKED_ITEM_FIELDS, item_layout_problem
+    run = tmp_path / "old"
+    (run / "checkpoints").mkdir(parents=True)
+    save_config(load_config(CARTPOLE), run / "config.yaml")
+    checkpoint.save(run / "checkpoints", 100, {"w": np.zeros(2)}, {"env_steps": 100, "has_probe_batch": True})
+    code = cli.main(["train", "--resume", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "probe batch" in err[0] and "start a new run" in err[0] and ", ".join(UNPACKED_ITEM_FIELDS) in err[0]
+    assert item_layout_problem({"has_probe_batch": False}) is None  # nothing of the old layout to read
+    assert item_layout_problem({"has_probe_batch": True, "item_fields": list(ITEM_FIELDS)}) is None
+
+
 # ----------------------------------------------------------------------------
 # 3 and 2. A launcher killed with SIGKILL leaves no process; it says where replay listens.
 
