@@ -104,8 +104,13 @@ class Builder:
 
     # --- replay -------------------------------------------------------------------
 
+    @property
+    def layout(self) -> replay.ItemLayout:
+        return replay.ItemLayout(tuple(self.spec.frame_shape), self.spec.obs_dtype, self.spec.frame_stack,
+                                 self.config.agent.n_step)
+
     def signature(self):
-        return replay.item_signature(self.spec.frame_shape, self.spec.obs_dtype, self.spec.frame_stack)
+        return self.layout.signature()
 
     def batch_template(self, batch_size: int) -> Dict[str, np.ndarray]:
         """Zeros shaped like a batch of replay items (restoring a checkpointed batch needs it)."""
@@ -184,7 +189,7 @@ class Builder:
 
     def make_learner(self) -> Learner:
         return Learner(self.network, self.config.agent, self.config.run.seed,
-                       preprocess=replay.item_to_transition(self.spec.frame_stack))
+                       preprocess=self.layout.to_transition)
 
     def restore(self, learner: Learner, path: Path) -> Tuple[Optional[Dict[str, np.ndarray]], Dict[str, Any]]:
         """Loads checkpoint `path` into `learner`: (its fixed probe batch or None, its meta)."""

@@ -4,10 +4,11 @@ they came from actors or from a recorded dataset.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from eosrl.agents import checkpoint, losses, networks, regularisers, spectral_norm, step_sizes
@@ -117,6 +118,50 @@ def make_update_fn(objective_fn: Callable, optimizer: optax.GradientTransformati
     return update
 
 
+class UpdateMetrics(Mapping[str, float]):
+    """One update's metrics, which stay one float32 vector on the device until the first
+    is read; that read (waiting for the update) copies them all to the host at once.
+    Kept as separate device scalars, the ~10 metrics of an update cost ~10 transfers:
+    copying a `train` record's window of them took ~5 % of `eosrl train`'s time on
+    MinAtar (benchmarks/README.md, note 5)."""
+
+    def __init__(self, names: Tuple[str, ...], values: jax.Array):
+        self._index = {name: i for i, name in enumerate(names)}
+        self._values = values
+        self._host: Optional[np.ndarray] = None
+
+    def __getitem__(self, name: str) -> float:
+        if self._host is None:
+            self._host = np.asarray(self._values)
+        return float(self._host[self._index[name]])
+
+    def block_until_ready(self) -> "UpdateMetrics":
+        """Waits for the update (what `jax.block_until_ready` calls on it)."""
+        self._values.block_until_ready()
+        return self
+
+    def __contains__(self, name: object) -> bool:  # without reading the values
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def _as_vector(update: Callable, names: List[str]) -> Callable:
+    """`update` returning its metrics as one vector; `names` (filled while tracing) says
+    which entry is which."""
+
+    def vector_update(state, raw_batch):
+        state, metrics = update(state, raw_batch)
+        names[:] = list(metrics)
+        return state, jnp.stack([jnp.asarray(value, jnp.float32) for value in metrics.values()])
+
+    return vector_update
+
+
 class Learner:
     """Holds the learner state and applies the jitted update to it."""
 
@@ -136,18 +181,20 @@ class Learner:
             params=params, target_params=params, net_state=net_state,
             target_net_state=net_state, opt_state=self.optimizer.init(params),
             step=jnp.zeros((), jnp.int32), rng=rng)
-        self._update = jax.jit(make_update_fn(self.objective_fn, self.optimizer, agent, preprocess))
+        self._metric_names: List[str] = []
+        self._update = jax.jit(_as_vector(make_update_fn(self.objective_fn, self.optimizer, agent, preprocess),
+                                          self._metric_names))
         # The update count on the host: reading `state.step` would wait for the update in
         # flight, and the loop asks for the count after every update.
         self._step = 0
-        self._last_lr: Optional[jax.Array] = None  # η_t of the last update, with a step-size rule
+        self._last_lr: Optional[UpdateMetrics] = None  # the last update's, with a step-size rule
 
-    def update(self, raw_batch) -> Dict[str, jnp.ndarray]:
-        """One update, dispatched without waiting for it; returns device metrics (convert
-        with `float` only when logging)."""
-        self.state, metrics = self._update(self.state, raw_batch)
+    def update(self, raw_batch) -> UpdateMetrics:
+        """One update, dispatched without waiting for it; reading its metrics waits for it."""
+        self.state, values = self._update(self.state, raw_batch)
         self._step += 1
-        self._last_lr = metrics.get("lr")
+        metrics = UpdateMetrics(tuple(self._metric_names), values)
+        self._last_lr = metrics if "lr" in metrics else None
         return metrics
 
     @property
@@ -158,7 +205,7 @@ class Learner:
         """The step size now: the schedule's, or with a step-size rule the last update's
         η_t (waiting for that update; before the first, the rule's cap `lr`)."""
         if self._last_lr is not None:
-            return float(self._last_lr)
+            return self._last_lr["lr"]
         lr = self._lr
         return float(lr(self._step)) if callable(lr) else float(lr)
 

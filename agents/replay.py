@@ -1,32 +1,42 @@
 """Replay through Reverb: the tables, the n-step transition adder, the batch stream.
 
 Storage layout. The adder appends one row per env step to a Reverb
-TrajectoryWriter. A row holds the newest single frame of the observation
-(for Atari one 84×84 frame, not the stack) and, once known, the n-step
-(action, return, discount) of the transition that started n steps earlier,
-packed in one float32 cell: each cell of an item is a chunk slice that
-Reverb's sampler locates, decodes and copies on its own, so three scalar
-columns cost more to sample than one (benchmarks/README.md, note 1). An
-item references the frames of both observations by cell, so a stacked
-observation costs nothing extra: consecutive items share their frames.
+TrajectoryWriter, in one column per env. A row is bytes: the newest single
+frame of the observation (for Atari one 84×84 frame, not the stack) followed by
+the packed (action, n-step return, discount, steps) of the transition that
+ends at this row, as four float32 (zeros where no transition ends). An item is
+one window of stack + n consecutive rows of its env's column: the frames of
+both observations and, in its last row, its transition. Reverb decodes cells
+of one column that lie in one chunk as one slice, so an item usually costs one
+chunk decode and copy when sampled, where an item of separate obs, next_obs and
+transition cells cost three (sampling alone 1.45 × the items/s;
+benchmarks/README.md, note 1). Consecutive items share their rows, so a stacked
+observation costs nothing extra.
+
 An episode starts with the older frames of the reset observation's stack as
-rows of their own, so every stack is exactly what the env showed and no
-frame of the previous episode can leak into it. (Reverb cannot reference one
-cell twice in an item, so the padding cannot be repeated references.)
+rows of their own, so every stack is exactly what the env showed and no frame
+of the previous episode can leak into it. After its last step come rows that
+repeat the final frame, one for each transition that starts fewer than n steps
+before the end, so that every item has its full window; such a transition
+bootstraps from the observation `steps` (m < n) rows after its own, which the
+learner picks out of the window (`ItemLayout.to_transition`).
 
 Item structure (the table signature):
-  obs         [stack, *frame]   frames t-stack+1 .. t
-  next_obs    [stack, *frame]   frames t+m-stack+1 .. t+m
-  transition  [3]  float32      (a_t, exact in float32 for any action count an env has;
-                                 r_t + γ r_{t+1} + ... with m ≤ n terms, stopping at a terminal;
-                                 γ^m, or 0 when the episode terminated within the m steps)
+  rows  [stack + n, frame bytes + 16]  uint8
+        rows 0 .. stack-1 are the frames of obs (t-stack+1 .. t), rows m .. m+stack-1
+        those of next_obs (t+m-stack+1 .. t+m); the last row ends with
+        (a_t, exact in float32 for any action count an env has;
+         r_t + γ r_{t+1} + ... with m ≤ n terms, stopping at a terminal;
+         γ^m, or 0 when the episode terminated within the m steps;
+         m) as float32
 """
 from __future__ import annotations
 
 import collections
 import os
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import reverb
@@ -35,11 +45,10 @@ import tensorflow as tf
 from eosrl.agents.types import Transition
 
 REPLAY_TABLE = "replay"
-# The signature's fields in its flat order (sorted keys, as tree.flatten orders a dict),
-# and which of them are one squeezed cell (a scalar) rather than a sequence of frames.
-ITEM_FIELDS = ("next_obs", "obs", "transition")
-_SQUEEZED = [field == "transition" for field in ITEM_FIELDS]
-TRANSITION_FIELDS = ("action", "reward", "discount")  # the packed cell's entries, in order
+ITEM_FIELDS = ("rows",)  # the signature's fields, in its flat order
+TRANSITION_FIELDS = ("action", "reward", "discount", "steps")  # the packed float32 entries of a row, in order
+_TRANSITION_BYTES = 4 * len(TRANSITION_FIELDS)
+_NO_TRANSITION = np.zeros(_TRANSITION_BYTES, np.uint8)
 PARAMS_TABLE = "params"
 PROBE_TABLE = "probe_snapshots"
 # Items a writer may have unconfirmed: Reverb logs "the number of pending items is alarmingly
@@ -50,9 +59,90 @@ MAX_IN_FLIGHT_ITEMS = 40
 ITEMS_PER_DRAW = 256
 
 
-def item_signature(frame_shape: Sequence[int], frame_dtype, frame_stack: int) -> Dict[str, tf.TensorSpec]:
-    obs = tf.TensorSpec((frame_stack,) + tuple(frame_shape), tf.as_dtype(np.dtype(frame_dtype)))
-    return {"obs": obs, "next_obs": obs, "transition": tf.TensorSpec((len(TRANSITION_FIELDS),), tf.float32)}
+class ItemLayout(NamedTuple):
+    """How an env's frames and the n-step transitions sit in an item's rows (module
+    docstring): writes rows, and reads items back as `Transition`s."""
+    frame_shape: Tuple[int, ...]
+    frame_dtype: Any
+    frame_stack: int
+    n_step: int
+
+    @property
+    def frame_bytes(self) -> int:
+        return int(np.prod(self.frame_shape, dtype=np.int64)) * np.dtype(self.frame_dtype).itemsize
+
+    @property
+    def window(self) -> int:
+        return self.frame_stack + self.n_step
+
+    def signature(self) -> Dict[str, tf.TensorSpec]:
+        return {"rows": tf.TensorSpec((self.window, self.frame_bytes + _TRANSITION_BYTES), tf.uint8)}
+
+    def to_transition(self, items: Dict[str, Any]) -> Transition:
+        """A batch of items as the learner's `Transition`s (jittable), observations as the
+        env gives them: [B, *frame, stack] (Atari) or [B, *obs] (no stack)."""
+        rows = jnp.asarray(items["rows"])
+        batch, stack = rows.shape[0], self.frame_stack
+        frames = _frames(rows[..., :self.frame_bytes], self.frame_shape, self.frame_dtype, jnp)
+        packed = jax.lax.bitcast_convert_type(
+            rows[:, -1, self.frame_bytes:].reshape(batch, len(TRANSITION_FIELDS), 4), jnp.float32)
+        steps = packed[:, 3].astype(jnp.int32)
+        next_frames = jax.vmap(lambda f, m: jax.lax.dynamic_slice_in_dim(f, m, stack))(frames, steps)
+
+        def stacked(frames):
+            return frames[:, 0] if stack == 1 else jnp.moveaxis(frames, 1, -1)
+
+        return Transition(obs=stacked(frames[:, :stack]), action=packed[:, 0].astype(jnp.int32),
+                          reward=packed[:, 1], discount=packed[:, 2], next_obs=stacked(next_frames))
+
+    def unpacked(self, items: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Items (one or a batch) as `obs` and `next_obs` ([..., stack, *frame]), `action`
+        (int32), `reward`, `discount` and `steps` (int32): a readable view for tests and
+        inspection."""
+        rows = np.asarray(items["rows"])
+        frames = _frames(rows[..., :self.frame_bytes], self.frame_shape, self.frame_dtype, np)
+        packed = np.ascontiguousarray(rows[..., -1, self.frame_bytes:]).view(np.float32)
+        out = {field: packed[..., i].astype(np.int32) if field in ("action", "steps") else packed[..., i]
+               for i, field in enumerate(TRANSITION_FIELDS)}
+        stack, lead = self.frame_stack, rows.shape[:-2]
+        index = (out["steps"][..., None] + np.arange(stack)).reshape(lead + (stack,) + (1,) * len(self.frame_shape))
+        out["obs"] = frames.take(np.arange(stack), axis=len(lead))
+        out["next_obs"] = np.take_along_axis(frames, index, axis=len(lead))
+        return out
+
+    def items(self, obs, action, reward, discount, next_obs, steps=None) -> Dict[str, np.ndarray]:
+        """Raw items from a batch of transitions (for tests and users building batches by
+        hand): obs and next_obs [B, stack, *frame], the others [B]; `steps` (m, default n)
+        places next_obs in the window, and where the two stacks overlap (m < stack) the
+        later one is written."""
+        obs, next_obs = np.asarray(obs, self.frame_dtype), np.asarray(next_obs, self.frame_dtype)
+        batch = obs.shape[0]
+        steps = np.full(batch, self.n_step) if steps is None else np.asarray(steps)
+        rows = np.zeros((batch, self.window, self.frame_bytes + _TRANSITION_BYTES), np.uint8)
+        as_bytes = lambda frames: frames.reshape(frames.shape[:2] + (-1,)).view(np.uint8)  # noqa: E731
+        rows[:, :self.frame_stack, :self.frame_bytes] = as_bytes(np.ascontiguousarray(obs))
+        next_bytes = as_bytes(np.ascontiguousarray(next_obs))
+        for i in range(batch):
+            rows[i, steps[i]:steps[i] + self.frame_stack, :self.frame_bytes] = next_bytes[i]
+        packed = np.stack([np.asarray(x, np.float32) * np.ones(batch, np.float32)
+                           for x in (action, reward, discount, steps)], axis=-1)
+        rows[:, -1, self.frame_bytes:] = packed.view(np.uint8)
+        return {"rows": rows}
+
+
+def _frames(data, frame_shape, frame_dtype, xp):
+    """[..., W, frame bytes] uint8 -> [..., W, *frame_shape] of the frame dtype (xp: np or jnp)."""
+    dtype = np.dtype(frame_dtype)
+    lead = data.shape[:-1]
+    if dtype == np.bool_:
+        values = data != 0
+    elif dtype.itemsize == 1:
+        values = data.view(dtype) if xp is np else jax.lax.bitcast_convert_type(data, dtype)
+    elif xp is np:
+        values = np.ascontiguousarray(data).view(dtype)
+    else:
+        values = jax.lax.bitcast_convert_type(data.reshape(lead + (-1, dtype.itemsize)), dtype)
+    return values.reshape(lead + tuple(frame_shape))
 
 
 def replay_table(capacity: int, min_size: int, signature,
@@ -101,11 +191,10 @@ def start_server(tables: List[reverb.Table], port: Optional[int] = None,
 
 class _CellWriter:
     """A Reverb TrajectoryWriter driven in flat columns, for one `TransitionAdder` or
-    shared by the adders of an actor's envs: 0 the frames of the first env, 1 the
-    packed transition, and 1 + i the frames of env i > 0. Each env needs a frame
-    column of its own because Reverb encodes an item's cells in one chunk as one slice
-    from the first of them (`MergeAdjacent`): a stack whose frames had another env's
-    frames between them would read those.
+    shared by the adders of an actor's envs: column i holds the rows of env i. Each env
+    needs a column of its own because Reverb encodes an item's cells in one chunk as one
+    slice from the first of them (`MergeAdjacent`): a window whose rows had another
+    env's rows between them would read those.
 
     Rows and items go straight to the writer's C++ half: the Python wrapper re-flattens
     each row and rebuilds its whole history structure for each item, ~150 µs per env
@@ -125,9 +214,9 @@ class _CellWriter:
         self.cells = self._writer._writer  # dm-reverb 0.14's pybind TrajectoryWriter
         self.items = 0
 
-    def create_item(self, columns: List[List[Any]]) -> None:
-        """An item from cell references, in ITEM_FIELDS order."""
-        self.cells.CreateItem(self._table, 1.0, columns, _SQUEEZED)
+    def create_item(self, window: List[Any]) -> None:
+        """An item from the cell references of its rows."""
+        self.cells.CreateItem(self._table, 1.0, [window], [False])
         self.items += 1
         if self.items % self._half_window == 0:
             self.wait(self._max_in_flight // 2)
@@ -142,24 +231,19 @@ class _CellWriter:
             except reverb.errors.DeadlineExceededError:
                 continue
 
-    def end_episode(self) -> None:
-        """Waits for every item, then starts a new Reverb episode (new chunks)."""
-        self.wait(0)
-        self._writer.end_episode(clear_buffers=True)
-
     def close(self) -> None:
         self._writer.close()  # idempotent: the adders sharing a writer each close it
 
 
-def _shared_keep_alive(envs: int, n_step: int, frame_stack: int, max_in_flight_items: int) -> int:
-    """Cells each column of a writer shared by `envs` envs keeps referable, which also caps
+def _keep_alive(envs: int, n_step: int, frame_stack: int, max_in_flight_items: int) -> int:
+    """Cells each column of a writer for `envs` envs keeps referable, which also caps
     the length of Reverb's auto-tuned chunks; an item goes to the server only once its
-    chunks are complete. An item's oldest cell is at most n + stack cells back in its
-    env's frame column (the newest in the others): the least that works. An env's chunk
-    of L frames completes up to (L - 1)·envs items after an item in it; under half a wait
-    window, the waits seldom find items the server has not confirmed. Within those bounds
-    the lone adder's 2n + 2·stack + 2: longer chunks cost less to make and compress better
-    (benchmarks/README.md, note 4)."""
+    chunks are complete. An item's oldest row is n + stack - 1 rows back in its env's
+    column (the newest in the others): n + stack is the least that works. An env's
+    chunk of L rows completes up to (L - 1)·envs items after an item in it; under half a
+    wait window, the waits seldom find items the server has not confirmed. Within those
+    bounds 2n + 2·stack + 2 (what one env gets): longer chunks cost less to make and
+    compress better (benchmarks/README.md, note 4)."""
     half_window = max(1, max_in_flight_items // 2)
     return max(n_step + frame_stack, min(2 * n_step + 2 * frame_stack + 2, (half_window - 1) // envs + 1))
 
@@ -172,15 +256,15 @@ class TransitionAdder:
     termination or a life loss (reported by the env under the Nature preset)
     ends bootstrapping; a termination or a truncation ends the stream.
 
-    A lone adder ends each Reverb episode with its own: it waits for the episode's
-    items to be confirmed and starts new chunks. The adders `for_envs` makes (the envs
-    of a vectorised actor) share one writer, so one gRPC stream and one writer thread
-    carry all their items, and an episode's end neither waits nor ends the Reverb
-    episode, which would flush every env's pending rows: the adders keep their
-    episodes apart themselves (no item references a cell of another episode, and each
-    env's frames have their own column), the waits every half-window still bound the
-    unconfirmed items, and an episode's last items follow with the next rows' chunks
-    or at the next wait.
+    The adders `for_envs` makes (the envs of a vectorised actor) share one writer, so
+    one gRPC stream and one writer thread carry all their items. An episode's end
+    neither waits for the server nor ends the Reverb episode (which would flush every
+    env's pending rows): the adders keep their episodes apart themselves (no item
+    references a row of another episode, and each env has its own column), the waits
+    every half-window bound the unconfirmed items, and an episode's last items follow
+    with the next rows' chunks or at the next wait. A lone adder does the same:
+    waiting for the server at each episode's end cost `eosrl train` ~6 % of its time
+    on MinAtar, whose episodes are short (benchmarks/README.md, note 5).
     """
 
     def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
@@ -189,15 +273,12 @@ class TransitionAdder:
         self._n = n_step
         self._gamma = discount
         self._stack = frame_stack
-        self._owns_episodes = _writer is None
-        # Oldest referenced row is at most (n-1) transition-only rows + n + stack rows back.
-        self._writer = _writer or _CellWriter(client, table, max_in_flight_items, 2 * n_step + 2 * frame_stack + 2)
+        self._writer = _writer or _CellWriter(client, table, max_in_flight_items,
+                                              _keep_alive(1, n_step, frame_stack, max_in_flight_items))
         self._cells = self._writer.cells
-        # This env's frame column (_CellWriter): 0, or 1 + env after the transition's.
-        self._frame_column = 0 if _env == 0 else 1 + _env
-        self._padding = [None] * (self._frame_column - 2)
-        # Cell references of the newest frames; the oldest an item uses is n + stack - 1 back.
-        self._frames: Deque = collections.deque(maxlen=n_step + frame_stack)
+        self._padding: List[None] = [None] * _env  # the columns of the envs before this one
+        # Cell references of this episode's newest rows: an item's window.
+        self._rows: Deque = collections.deque(maxlen=n_step + frame_stack)
         self._row = -1                    # step index t of the last observation in this episode
         self._actions: List[int] = []
         self._rewards: List[float] = []
@@ -210,34 +291,20 @@ class TransitionAdder:
         """One adder per env of a vectorised actor, all writing through one Reverb writer
         (whose items, and so each env's, reach the table in the order they were made)."""
         writer = _CellWriter(client, table, max_in_flight_items,
-                             _shared_keep_alive(envs, n_step, frame_stack, max_in_flight_items))
+                             _keep_alive(envs, n_step, frame_stack, max_in_flight_items))
         return [cls(client, n_step, discount, frame_stack, table, max_in_flight_items, _writer=writer, _env=env)
                 for env in range(envs)]
 
     def _frame(self, obs: np.ndarray) -> np.ndarray:
         return obs[..., -1] if self._stack > 1 else obs
 
-    def _append(self, frame: Optional[np.ndarray], transition: Optional[np.ndarray] = None) -> Any:
-        """One row: a frame and/or the packed (action, n-step return, discount) of a
-        transition; returns the transition's cell."""
-        if self._frame_column == 0:
-            refs = self._cells.Append([frame, transition])
-        elif frame is None:
-            refs = self._cells.Append([None, transition])
-        else:
-            refs = self._cells.Append([None, transition, *self._padding, frame])
-        if frame is not None:
-            self._frames.append(refs[self._frame_column])
-        return refs[1]
-
-    def _stack_refs(self, t: int) -> List[Any]:
-        """Cells of the frames of the observation at step t: rows t .. t+stack-1 counting the
-        stack-1 padding rows, of which the deque holds the newest, row self._row + stack - 1."""
-        first = len(self._frames) - self._stack - self._row  # deque position of row 0
-        return [self._frames[first + t + i] for i in range(self._stack)]
+    def _append(self, frame: np.ndarray, transition: np.ndarray = _NO_TRANSITION) -> None:
+        """One row: a frame's bytes, then those of the transition that ends here."""
+        row = np.concatenate((np.ascontiguousarray(frame).reshape(-1).view(np.uint8), transition))
+        self._rows.append(self._cells.Append(self._padding + [row])[-1])
 
     def add_first(self, obs: np.ndarray) -> None:
-        self._frames.clear()
+        self._rows.clear()
         for i in range(self._stack - 1):
             self._append(obs[..., i])
         self._append(self._frame(obs))
@@ -245,18 +312,17 @@ class TransitionAdder:
         self._actions, self._rewards, self._continues = [], [], []
 
     def _transition(self, start: int, end: int) -> np.ndarray:
-        """The packed (action, return, bootstrap discount) of the transition from row
-        `start` to row `end`."""
+        """The packed (action, return, bootstrap discount, steps) of the transition from
+        step `start` to step `end`, as bytes."""
         ret, scale = 0.0, 1.0
         for t in range(start, end):
             ret += scale * self._rewards[t]
             scale *= self._gamma * self._continues[t]
-        return np.array([self._actions[start], ret, scale], np.float32)
+        return np.array([self._actions[start], ret, scale, end - start], np.float32).view(np.uint8)
 
-    def _create_item(self, start: int, end: int, transition: Any) -> None:
-        """The item from step `start` to step `end`, with the cell `_append` returned."""
-        # In ITEM_FIELDS order: next_obs, obs, transition.
-        self._writer.create_item([self._stack_refs(end), self._stack_refs(start), [transition]])
+    def _create_item(self) -> None:
+        """The item whose window ends with the row just appended."""
+        self._writer.create_item(list(self._rows))
         self.items_written += 1
 
     def add(self, action: int, reward: float, terminated: bool, truncated: bool, next_obs: np.ndarray,
@@ -267,21 +333,26 @@ class TransitionAdder:
         self._continues.append(0.0 if terminated or life_loss else 1.0)
         self._row += 1
         start = self._row - self._n
+        frame = self._frame(next_obs)
         # A terminal inside the window makes later frames irrelevant, but the
         # bootstrap discount is then 0, so the same item layout stays correct.
         if start >= 0:
-            transition = self._append(self._frame(next_obs), self._transition(start, self._row))
-            self._create_item(start, self._row, transition)
+            self._append(frame, self._transition(start, self._row))
+            self._create_item()
         else:
-            self._append(self._frame(next_obs))
+            self._append(frame)
         if episode_over:
             # Transitions that started fewer than n steps before the end bootstrap
-            # (or not, after a terminal) from the final observation.
+            # (or not, after a terminal) from the final observation, `steps` rows on;
+            # the final frame is repeated until each one's window is complete.
+            newest = self._row  # the step whose row was appended last
             for start in range(max(0, self._row - self._n + 1), self._row):
-                transition = self._append(None, self._transition(start, self._row))
-                self._create_item(start, self._row, transition)
-            if self._owns_episodes:
-                self._writer.end_episode()
+                while newest < start + self._n - 1:
+                    self._append(frame)
+                    newest += 1
+                self._append(frame, self._transition(start, self._row))
+                newest += 1
+                self._create_item()
             self._row = -1
 
     def flush(self) -> None:
@@ -290,37 +361,6 @@ class TransitionAdder:
 
     def close(self) -> None:
         self._writer.close()
-
-
-def item_to_transition(frame_stack: int):
-    """Maps a batch of items to `Transition`s with observations as the env gives them."""
-
-    def convert(data: Dict[str, Any]) -> Transition:
-        def stacked(frames):
-            # [B, stack, *frame] -> [B, *frame, stack] (Atari) or [B, *obs] (no stack).
-            return frames[:, 0] if frame_stack == 1 else jnp.moveaxis(frames, 1, -1)
-        packed = data["transition"]
-        return Transition(obs=stacked(data["obs"]), action=packed[:, 0].astype(jnp.int32),
-                          reward=packed[:, 1], discount=packed[:, 2], next_obs=stacked(data["next_obs"]))
-
-    return convert
-
-
-def packed(action, reward, discount) -> np.ndarray:
-    """The `transition` field of items with these actions, n-step returns and discounts
-    (each [B] or scalars): [B, 3] float32, as the adder writes it."""
-    return np.stack([np.asarray(action, np.float32), np.asarray(reward, np.float32),
-                     np.asarray(discount, np.float32)], axis=-1)
-
-
-def unpacked(items: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Items (one or a batch) with their packed transition as `action` (int32), `reward`
-    and `discount`: a readable view for tests and inspection."""
-    out = {key: value for key, value in items.items() if key != "transition"}
-    packed = np.asarray(items["transition"])
-    for i, field in enumerate(TRANSITION_FIELDS):
-        out[field] = packed[..., i].astype(np.int32) if field == "action" else packed[..., i]
-    return out
 
 
 def batch_stream(address: str, batch_size: int, table: str = REPLAY_TABLE,

@@ -31,7 +31,7 @@ def fill(client, parts, transitions: int, seed: int = 0) -> None:
     """Random episodes of the env's shapes written through the real adder."""
     rng = np.random.default_rng(seed)
     spec = parts.spec
-    adder = replay.TransitionAdder(client, 1, 0.99, spec.frame_stack)
+    adder = parts.make_adder(client)
 
     def obs():
         if spec.obs_dtype == np.uint8:

@@ -41,13 +41,13 @@ def main() -> None:
     parser.add_argument("--transitions", type=int, default=100_000)
     parser.add_argument("--n-step", type=int, default=1)
     args = parser.parse_args()
-    config = load_config("configs/dqn_atari_pong.yaml")
+    config = load_config("configs/dqn_atari_pong.yaml", [f"agent.n_step={args.n_step}"])
     parts = Builder(config)
     with tempfile.TemporaryDirectory() as tmp:
         server = replay.start_server(
             [replay.replay_table(args.transitions + 10, 1, parts.signature())], checkpoint_dir=tmp)
         client = reverb.Client(f"localhost:{server.port}")
-        adder = replay.TransitionAdder(client, args.n_step, 0.99, parts.spec.frame_stack)
+        adder = parts.make_adder(client)
         env = make_env(config.env, seed=0)
         rng = np.random.default_rng(0)
         start = time.time()

@@ -20,6 +20,7 @@ import numpy as np
 
 from eosrl.agents import checkpoint, replay
 from eosrl.agents.builder import Builder
+from eosrl.agents.learner import UpdateMetrics
 from eosrl.launch import resume
 from eosrl.launch.channels import SnapshotQueue
 from eosrl.launch.rundir import MetricsWriter, RunDir
@@ -71,8 +72,8 @@ class LearnerLoop:
         self._eval_every = schedule.every(run.eval_every)
         self._checkpoint_every = schedule.every(run.checkpoint_every)
         self.probe_batch: Optional[Batch] = None  # raw items
-        self._window: List[Dict[str, Any]] = []
-        self._pending_loss: Optional[Tuple[int, Any]] = None  # (update, device loss) not yet checked
+        self._window: List[UpdateMetrics] = []
+        self._pending_loss: Optional[Tuple[int, UpdateMetrics]] = None  # (update, its metrics) not yet checked
         self.diverged_at: Optional[int] = None
         self.last_env_steps = 0  # of the last record or checkpoint, should the count become unreadable
         self._tick = (time.time(), self.learner.step)
@@ -126,7 +127,7 @@ class LearnerLoop:
         self._window.append(metrics)
         if not self._loss_was_finite():
             return False
-        self._pending_loss = (self.learner.step, metrics["loss"])
+        self._pending_loss = (self.learner.step, metrics)  # read at the next update
         step = self.learner.step
         if self.prober is not None and self.prober.should_probe(step):
             if not self._loss_was_finite():  # a probe waits for the update anyway
@@ -159,13 +160,14 @@ class LearnerLoop:
         """Checks the pending loss; on the first non-finite one writes the event."""
         if self._pending_loss is None:
             return True
-        step, loss = self._pending_loss
+        step, metrics = self._pending_loss
         self._pending_loss = None
-        if math.isfinite(float(loss)):
+        loss = metrics["loss"]
+        if math.isfinite(loss):
             return True
         self.diverged_at = step
         self.metrics.write("event", step, env_steps=self._env_steps(), event="divergence",
-                           reason="non-finite loss", loss=float(loss))
+                           reason="non-finite loss", loss=loss)
         return False
 
     # --- records and checkpoints ----------------------------------------------------------
@@ -180,8 +182,7 @@ class LearnerLoop:
         values: Dict[str, Any] = {"env_steps": env_steps, "updates_per_second": rate,
                                   **self._record_values()}
         if self._window:
-            window = jax.device_get(self._window)
-            self._window = []
+            window, self._window = self._window, []  # read after each update: on the host
             for key in window[0]:
                 values[key] = float(np.mean([m[key] for m in window]))
             if "lr" in window[0]:  # η_t of a step-size rule: its mean and range over the window

@@ -71,6 +71,7 @@ def run_replay_server(config: Config, port: int, run_dir: Optional[Path]) -> Non
 def _load_dataset(builder: Builder, client: reverb.Client, run_dir: Optional[Path]) -> None:
     adder = builder.make_adder(client)
     loaded = builder.load_dataset(adder)
+    adder.flush()  # closing a writer drops the items it has not sent
     adder.close()
     print(f"loaded {loaded['transitions']} transitions from {builder.config.regime.dataset}", flush=True)
     if run_dir:

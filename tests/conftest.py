@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet TensorFlow, configs for quick runs, and the axes of drawn figures."""
+"""Shared test set-up: quiet TensorFlow, configs for quick runs, the axes of drawn figures, random replay items."""
 import os
 import sys
 from pathlib import Path
@@ -26,3 +26,12 @@ def figure_axes(monkeypatch):
 
     monkeypatch.setattr(plot.plt, "subplots", subplots)
     return axes
+
+
+def random_items(builder, count, rng):
+    """`count` raw replay items of random transitions for `builder`'s env (normal
+    observations, discounts in [0.5, 1)): batches for tests that need no real replay."""
+    layout = builder.layout
+    shape = (count, layout.frame_stack) + tuple(layout.frame_shape)
+    return layout.items(rng.normal(size=shape), rng.integers(0, builder.spec.num_actions, count),
+                        rng.normal(size=count), rng.uniform(0.5, 1.0, count), rng.normal(size=shape))

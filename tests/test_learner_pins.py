@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, ROOT
-from eosrl.agents import replay
 
 PINS = ROOT / "tests" / "data" / "learner_pins.json"
 CASES = {
@@ -29,14 +28,14 @@ CASES = {
 UPDATES = 7
 
 
-def _batches(spec, batch_size, rng):
+def _batches(layout, spec, batch_size, rng):
     for _ in range(UPDATES):
         obs = rng.normal(size=(batch_size, 1) + tuple(spec.frame_shape)).astype(spec.obs_dtype)
         next_obs = rng.normal(size=(batch_size, 1) + tuple(spec.frame_shape)).astype(spec.obs_dtype)
         action = rng.integers(spec.num_actions, size=batch_size).astype(np.int32)
         reward = rng.normal(size=batch_size).astype(np.float32)
         discount = (0.99 * (rng.random(batch_size) > 0.1)).astype(np.float32)
-        yield {"obs": obs, "next_obs": next_obs, "transition": replay.packed(action, reward, discount)}
+        yield layout.items(obs, action, reward, discount, next_obs)
 
 
 def _moments(tree):
@@ -56,7 +55,7 @@ def pins(name):
     config_file, overrides = CASES[name]
     parts = Builder(load_config(CONFIGS / config_file, overrides))
     learner = parts.make_learner()
-    for batch in _batches(parts.spec, 16, np.random.default_rng(7)):
+    for batch in _batches(parts.layout, parts.spec, 16, np.random.default_rng(7)):
         learner.update(batch)
     state = learner.state
     return {"params": _moments(state.params), "target_params": _moments(state.target_params),

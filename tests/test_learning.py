@@ -10,7 +10,6 @@ import pytest
 
 from eosrl.agents.config import load_config
 from conftest import CONFIGS, ROOT
-from eosrl.agents import replay
 from eosrl.launch.rundir import read_metrics
 from eosrl.agents.builder import Builder
 from eosrl.launch.train import train
@@ -78,9 +77,8 @@ def test_checkpoint_round_trip_restores_identical_state(tmp_path):
     parts = Builder(config)
     learner = parts.make_learner()
     rng = np.random.default_rng(0)
-    batch = {"obs": rng.normal(size=(64, 1, 4)).astype(np.float32),
-             "transition": replay.packed(rng.integers(0, 2, 64), np.ones(64), np.full(64, 0.99)),
-             "next_obs": rng.normal(size=(64, 1, 4)).astype(np.float32)}
+    batch = parts.layout.items(rng.normal(size=(64, 1, 4)), rng.integers(0, 2, 64), np.ones(64),
+                               np.full(64, 0.99), rng.normal(size=(64, 1, 4)))
     for _ in range(5):
         learner.update(batch)
     path = learner.save(tmp_path, meta={"env_steps": 123})

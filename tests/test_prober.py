@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, random_items
 from processes import eosrl, events, kill_launch, pids, wait_for
 from eosrl.agents import checkpoint
 from eosrl.agents.builder import Builder
@@ -169,8 +169,7 @@ def test_a_restarted_prober_records_each_snapshot_once(tmp_path):
         metrics.write("probe", 10, snapshot_key=str(first_key))  # written by the prober that died
         metrics.close()
         rng = np.random.default_rng(0)
-        batch = {key: rng.normal(size=value.shape).astype(value.dtype) if value.dtype.kind == "f"
-                 else np.zeros_like(value) for key, value in builder.batch_template(128).items()}
+        batch = random_items(builder, 128, rng)
         save_probe_batch(rdir.path, batch)
         assert run_prober(config, f"localhost:{server.port}", rdir.path) == 0
         assert [r["step"] for r in read_metrics(rdir.metrics, "probe")] == [10, 20]
@@ -193,10 +192,6 @@ def test_the_prober_measures_batch_sharpness_on_fresh_batches(tmp_path, monkeypa
     builder = Builder(config)
     rng = np.random.default_rng(0)
 
-    def random_items(n):
-        return {key: rng.normal(size=value.shape).astype(value.dtype) if value.dtype.kind == "f"
-                else np.zeros_like(value) for key, value in builder.batch_template(n).items()}
-
     drawn = []
 
     def sample_items(client, count, signature, table=replay.REPLAY_TABLE):  # replay's items, without a table
@@ -204,7 +199,7 @@ def test_the_prober_measures_batch_sharpness_on_fresh_batches(tmp_path, monkeypa
         drawn.append(count)
         return batches.pop(0)
 
-    batches = [random_items(16) for _ in range(2)]
+    batches = [random_items(builder, 16, rng) for _ in range(2)]
     monkeypatch.setattr(replay, "sample_items", sample_items)
     server = replay.start_server([replay.probe_table(config.probe.max_queued)])
     try:
@@ -214,7 +209,7 @@ def test_the_prober_measures_batch_sharpness_on_fresh_batches(tmp_path, monkeypa
         snapshot = Prober(config.probe, learner).snapshot(learner.state, 0.01, 0)._replace(step=10)
         assert queue.offer(snapshot) and queue.close()
         rdir = RunDir(tmp_path).create()
-        probe_batch = random_items(128)
+        probe_batch = random_items(builder, 128, rng)
         save_probe_batch(rdir.path, probe_batch)
         assert run_prober(config, f"localhost:{server.port}", rdir.path) == 0
     finally:

@@ -443,7 +443,7 @@ def test_batch_sharpness_batches_is_validated():
 def test_learner_loop_writes_batch_sharpness_records(tmp_path, figure_axes):
     """An inline run of the learner loop with probe.batch_sharpness_batches: 2: its `probe`
     records carry the new fields, finite, measured on fresh batches of replay.batch_size."""
-    from conftest import CONFIGS
+    from conftest import CONFIGS, random_items
     from eosrl.agents.builder import Builder
     from eosrl.agents.config import load_config
     from eosrl.launch.learning import LearnerLoop
@@ -456,19 +456,13 @@ def test_learner_loop_writes_batch_sharpness_records(tmp_path, figure_axes):
     rng = np.random.default_rng(0)
     drawn = []
 
-    def random_items(n):
-        return {key: (rng.integers(0, 2, value.shape).astype(value.dtype) if key == "action" else
-                      rng.uniform(0.5, 1.0, value.shape).astype(value.dtype) if key == "discount" else
-                      rng.normal(size=value.shape).astype(value.dtype))
-                for key, value in builder.batch_template(n).items()}
-
     def sample_items(n):  # what the probes draw from "replay"
         drawn.append(n)
-        return random_items(n)
+        return random_items(builder, n, rng)
 
     rdir = RunDir(tmp_path).create()
     metrics = MetricsWriter(rdir, tensorboard=False)
-    loop = LearnerLoop(builder, rdir, metrics, iter(lambda: random_items(16), None), sample_items=sample_items,
+    loop = LearnerLoop(builder, rdir, metrics, iter(lambda: random_items(builder, 16, rng), None), sample_items=sample_items,
                        env_steps=lambda: 7)
     for _ in range(6):
         assert loop.step() is None

@@ -119,7 +119,7 @@ def test_corrupt_dataset_is_refused_before_the_run_dir_exists(tmp_path, monkeypa
 
 def test_resume_refuses_a_checkpoint_whose_items_have_another_layout(tmp_path, capsys):
     """Breaks if a run whose fixed probe batch (or replay snapshot) holds items of the
-    layout before the packed transition cell resumes into a confusing error later, or if
+    layouts before the one-field `rows` items resumes into a confusing error later, or if
     a checkpoint with neither (its learner state does not depend on the layout) is refused."""
     from eosrl.agents.config import save_config
     from eosrl.agents.replay import ITEM_FIELDS
@@ -133,7 +133,31 @@ def test_resume_refuses_a_checkpoint_whose_items_have_another_layout(tmp_path, c
     assert code == 2 and len(err) == 1
     assert "probe batch" in err[0] and "start a new run" in err[0] and ", ".join(UNPACKED_ITEM_FIELDS) in err[0]
     assert item_layout_problem({"has_probe_batch": False}) is None  # nothing of the old layout to read
+    packed_cell = {"has_probe_batch": True, "item_fields": ["next_obs", "obs", "transition"]}  # 2026-12-04 (2nd)
+    assert "next_obs, obs, transition" in item_layout_problem(packed_cell)
     assert item_layout_problem({"has_probe_batch": True, "item_fields": list(ITEM_FIELDS)}) is None
+
+
+def test_metrics_reach_the_file_at_once_and_actor_records_are_fsynced_at_most_once_a_second(tmp_path, monkeypatch):
+    """Breaks if a record waits in a buffer (a crashed process would lose it), if a
+    `train`, `eval`, `probe` or `event` record is not fsynced as it is written, or if
+    per-episode `actor` records each pay an fsync (~160 µs here, hundreds a second)."""
+    from eosrl.launch import rundir
+    synced = []
+    monkeypatch.setattr(rundir.os, "fsync", lambda fd: synced.append(fd))
+    writer = rundir.MetricsWriter(rundir.RunDir(tmp_path).create(), tensorboard=False)
+    for i in range(200):
+        writer.write("actor", 0, episode_return=float(i))
+    assert len(list(read_metrics(tmp_path / "metrics.jsonl", "actor"))) == 200  # on the OS's side already
+    assert len(synced) <= 2
+    after_actor = len(synced)
+    for kind in ("train", "eval", "probe", "event"):
+        before = len(synced)
+        writer.write(kind, 1, **({"event": "x"} if kind == "event" else {}))
+        assert len(synced) == before + 1, kind
+    writer.close()
+    writer.close()  # idempotent
+    assert len(synced) == after_actor + 5  # and once more when it closes
 
 
 # ----------------------------------------------------------------------------

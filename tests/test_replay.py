@@ -1,5 +1,6 @@
 """The Reverb adder writes exactly the n-step transitions the docstring promises,
 with frame stacks padded at episode starts and shared frames stored once."""
+import jax
 import numpy as np
 import pytest
 import reverb
@@ -7,15 +8,15 @@ import reverb
 from eosrl.agents import replay
 
 
-def _server(frame_shape, dtype, stack, capacity=1000):
-    sig = replay.item_signature(frame_shape, dtype, stack)
-    server = replay.start_server([replay.replay_table(capacity, 1, sig)])
-    return server, reverb.Client(f"localhost:{server.port}"), sig
+def _server(frame_shape, dtype, stack, n, capacity=1000):
+    layout = replay.ItemLayout(frame_shape, dtype, stack, n)
+    server = replay.start_server([replay.replay_table(capacity, 1, layout.signature())])
+    return server, reverb.Client(f"localhost:{server.port}"), layout
 
 
-def _all_items(client, sig, count):
+def _all_items(client, layout, count):
     """Every item of the table, keyed by action (each test step uses its own action)."""
-    batch = replay.unpacked(replay.sample_items(client, count * 50, sig))
+    batch = layout.unpacked(replay.sample_items(client, count * 50, layout.signature()))
     return {int(a): {k: v[i] for k, v in batch.items()} for i, a in enumerate(batch["action"])}
 
 
@@ -25,10 +26,11 @@ def _stacked_obs(frames, t, stack):
 
 
 @pytest.mark.parametrize("terminal", [True, False])
-def test_n_step_returns_and_frame_stacks(terminal):
-    stack, n, gamma, length = 4, 3, 0.9, 6
-    server, client, sig = _server((2, 2), np.uint8, stack)
-    assert tuple(sorted(sig)) == replay.ITEM_FIELDS  # the order the adder hands its columns in
+@pytest.mark.parametrize("length", [6, 1])  # 1: an episode shorter than n, all its windows padded
+def test_n_step_returns_and_frame_stacks(terminal, length):
+    stack, n, gamma = 4, 3, 0.9
+    server, client, layout = _server((2, 2), np.uint8, stack, n)
+    assert tuple(sorted(layout.signature())) == replay.ITEM_FIELDS
     adder = replay.TransitionAdder(client, n_step=n, discount=gamma, frame_stack=stack)
     frames = [np.full((2, 2), 10 * t + 1, np.uint8) for t in range(length + 1)]
     rewards = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -39,7 +41,7 @@ def test_n_step_returns_and_frame_stacks(terminal):
                   next_obs=_stacked_obs(frames, t + 1, stack))
     adder.flush()
     assert adder.items_written == length
-    items = _all_items(client, sig, length)
+    items = _all_items(client, layout, length)
     assert sorted(items) == list(range(length))
     for t in range(length):
         end = min(t + n, length)
@@ -48,6 +50,7 @@ def test_n_step_returns_and_frame_stacks(terminal):
         item = items[t]
         assert float(item["reward"]) == pytest.approx(expected_return, rel=1e-6)
         assert float(item["discount"]) == pytest.approx(expected_discount, rel=1e-6)
+        assert item["steps"] == end - t
         obs = np.moveaxis(item["obs"], 0, -1)
         next_obs = np.moveaxis(item["next_obs"], 0, -1)
         np.testing.assert_array_equal(obs, _stacked_obs(frames, t, stack))
@@ -56,7 +59,7 @@ def test_n_step_returns_and_frame_stacks(terminal):
 
 
 def test_episode_boundary_does_not_leak_frames_and_life_loss_stops_bootstrap():
-    server, client, sig = _server((3,), np.float32, 1)
+    server, client, layout = _server((3,), np.float32, 1, 2)
     adder = replay.TransitionAdder(client, n_step=2, discount=0.5, frame_stack=1)
     obs = lambda v: np.full((3,), v, np.float32)  # noqa: E731
     # Episode 1: two steps, terminal.
@@ -69,7 +72,7 @@ def test_episode_boundary_does_not_leak_frames_and_life_loss_stops_bootstrap():
     adder.add(3, 7.0, False, False, obs(102))
     adder.add(4, 0.0, False, True, obs(103))   # time limit: bootstrap from obs 103
     adder.flush()
-    items = _all_items(client, sig, 5)
+    items = _all_items(client, layout, 5)
     assert float(items[0]["reward"]) == pytest.approx(1.5) and float(items[0]["discount"]) == 0.0
     np.testing.assert_array_equal(items[0]["next_obs"][0], obs(2))
     np.testing.assert_array_equal(items[2]["obs"][0], obs(100))   # no frame of episode 1
@@ -83,15 +86,26 @@ def test_episode_boundary_does_not_leak_frames_and_life_loss_stops_bootstrap():
 
 
 def test_item_to_transition_restores_env_layout():
-    data = {"obs": np.arange(2 * 4 * 3 * 3).reshape(2, 4, 3, 3),
-            "transition": np.array([[2, 0.5, 0.99], [17, -1.0, 0.0]], np.float32)}
-    data["next_obs"] = data["obs"]
-    batch = replay.item_to_transition(4)(data)
-    assert batch.obs.shape == (2, 3, 3, 4)
-    np.testing.assert_array_equal(np.asarray(batch.obs)[1, :, :, 2], data["obs"][1, 2])
+    layout = replay.ItemLayout((3, 3), np.int32, 4, 2)
+    frames = np.arange(2 * 6 * 3 * 3, dtype=np.int32).reshape(2, 6, 3, 3)  # two windows of stack + n frames
+    # Item 0 bootstraps from 2 steps on, item 1 (an episode's end) from 1.
+    data = layout.items(frames[:, :4], [2, 17], [0.5, -1.0], [0.99, 0.0],
+                        np.stack([frames[0, 2:6], frames[1, 1:5]]), steps=[2, 1])
+    batch = jax.jit(layout.to_transition)(data)
+    assert batch.obs.shape == batch.next_obs.shape == (2, 3, 3, 4)
+    np.testing.assert_array_equal(np.asarray(batch.obs)[1, :, :, 2], frames[1, 2])
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(batch.next_obs)[0], -1, 0), frames[0, 2:6])
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(batch.next_obs)[1], -1, 0), frames[1, 1:5])
     # The packed transition: (action, n-step return, discount), the action back as int32.
     assert batch.action.dtype == np.int32 and list(np.asarray(batch.action)) == [2, 17]
     np.testing.assert_array_equal(batch.reward, [0.5, -1.0])
     np.testing.assert_array_equal(batch.discount, np.float32([0.99, 0.0]))
-    flat = replay.item_to_transition(1)({**data, "obs": data["obs"][:, :1], "next_obs": data["obs"][:, :1]})
-    assert flat.obs.shape == (2, 3, 3)
+    # The host view reads the same items.
+    view = layout.unpacked(data)
+    np.testing.assert_array_equal(view["next_obs"][1], frames[1, 1:5])
+    assert list(view["steps"]) == [2, 1]
+    flat = replay.ItemLayout((3,), np.bool_, 1, 1)
+    bools = np.arange(2 * 3).reshape(2, 1, 3) % 2 == 1
+    batch = flat.to_transition(flat.items(bools, [1, 2], [0.0, 0.0], [1.0, 1.0], ~bools))
+    assert batch.obs.shape == (2, 3) and batch.obs.dtype == np.bool_
+    np.testing.assert_array_equal(batch.next_obs, ~bools[:, 0])

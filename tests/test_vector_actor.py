@@ -66,17 +66,23 @@ def _epsilons(envs):
     return [options[i % len(options)] for i in range(envs)]
 
 
+def _layout(stack):
+    return replay.ItemLayout(FRAME, np.uint8, stack, N_STEP)
+
+
 def _server(stack, tables):
-    signature = replay.item_signature(FRAME, np.uint8, stack)
+    signature = _layout(stack).signature()
     server = reverb.Server([reverb.Table.queue(name, 100_000, signature=signature) for name in tables])
     return server, reverb.Client(f"localhost:{server.port}")
 
 
-def _items(client, table):
-    """Every item of the queue `table`, in the order it was inserted, as dicts."""
+def _items(client, table, stack):
+    """Every item of the queue `table`, in the order it was inserted, as dicts of its raw
+    fields and their readable view (obs, next_obs, action, reward, discount, steps)."""
     count = replay.table_size(client, table)
     rows = [sample.data for sample in client.sample(table, num_samples=count, emit_timesteps=False)]
-    return [{key: np.asarray(row[i]) for i, key in enumerate(replay.ITEM_FIELDS)} for row in rows]
+    items = [{key: np.asarray(row[i]) for i, key in enumerate(replay.ITEM_FIELDS)} for row in rows]
+    return [{**item, **_layout(stack).unpacked(item)} for item in items]
 
 
 def _assert_same_items(got, want):
@@ -128,7 +134,7 @@ def test_vector_actor_writes_what_single_env_actors_with_its_seeds_write(envs, s
             adder.flush()
             singles.append((env, actor))
 
-        items = _items(client, "vector")
+        items = _items(client, "vector", stack)
         for i, (env, actor) in enumerate(singles):
             assert vector_envs[i].actions == env.actions
             assert vector_envs[i].reset_seeds == env.reset_seeds == [seeds[i]] + [None] * (len(env.reset_seeds) - 1)
@@ -136,11 +142,11 @@ def test_vector_actor_writes_what_single_env_actors_with_its_seeds_write(envs, s
             assert vector.stats[i].lengths == actor.stats.lengths
             assert ended.count(i) == len(actor.stats.lengths)
             mine = [item for item in items if item["obs"][0, 0, 0] == i]  # the frame's env tag
-            reference = _items(client, f"single_{i}")
+            reference = _items(client, f"single_{i}", stack)
             assert len(reference) > 2 * len(actor.stats.lengths)  # several episodes of several items
             _assert_same_items(mine, reference)
         assert {int(item["obs"][0, 0, 0]) for item in items} == set(range(envs))  # no item of no env
-        discounts = [float(replay.unpacked(item)["discount"]) for item in items]
+        discounts = [float(item["discount"]) for item in items]
         assert any(d == 0.0 for d in discounts)  # terminals and life losses
         assert any(0.0 < d < GAMMA ** N_STEP + 1e-6 for d in discounts)
     finally:
@@ -165,7 +171,7 @@ def test_interleaved_envs_never_mix_frames_in_a_stack():
         for _ in range(60):
             vector.step()
         adders[0].flush()
-        items = _items(client, "vector")
+        items = _items(client, "vector", stack)
         assert len(items) > 300
         for item in items:  # frames [stack, 2, 2]: (tag, episode) on the first row, the step below
             tag, episode, start = item["obs"][-1, 0, 0], item["obs"][-1, 0, 1], item["obs"][-1, 1, 0]
