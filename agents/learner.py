@@ -122,8 +122,8 @@ class UpdateMetrics(Mapping[str, float]):
     """One update's metrics, which stay one float32 vector on the device until the first
     is read; that read (waiting for the update) copies them all to the host at once.
     Kept as separate device scalars, the ~10 metrics of an update cost ~10 transfers:
-    copying a `train` record's window of them took ~5 % of `eosrl train`'s time on
-    MinAtar (benchmarks/README.md, note 5)."""
+    copying a `train` record's window of them was ~6 % of `eosrl train`'s main-thread
+    samples in a py-spy profile on MinAtar (benchmarks/README.md, note 5)."""
 
     def __init__(self, names: Tuple[str, ...], values: jax.Array):
         self._index = {name: i for i, name in enumerate(names)}
@@ -187,14 +187,14 @@ class Learner:
         # The update count on the host: reading `state.step` would wait for the update in
         # flight, and the loop asks for the count after every update.
         self._step = 0
-        self._last_lr: Optional[UpdateMetrics] = None  # the last update's, with a step-size rule
+        self._last_metrics: Optional[UpdateMetrics] = None  # the last update's, with a step-size rule
 
     def update(self, raw_batch) -> UpdateMetrics:
         """One update, dispatched without waiting for it; reading its metrics waits for it."""
         self.state, values = self._update(self.state, raw_batch)
         self._step += 1
         metrics = UpdateMetrics(tuple(self._metric_names), values)
-        self._last_lr = metrics if "lr" in metrics else None
+        self._last_metrics = metrics if "lr" in metrics else None
         return metrics
 
     @property
@@ -204,8 +204,8 @@ class Learner:
     def current_lr(self) -> float:
         """The step size now: the schedule's, or with a step-size rule the last update's
         η_t (waiting for that update; before the first, the rule's cap `lr`)."""
-        if self._last_lr is not None:
-            return self._last_lr["lr"]
+        if self._last_metrics is not None:
+            return self._last_metrics["lr"]
         lr = self._lr
         return float(lr(self._step)) if callable(lr) else float(lr)
 

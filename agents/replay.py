@@ -9,7 +9,7 @@ one window of stack + n consecutive rows of its env's column: the frames of
 both observations and, in its last row, its transition. Reverb decodes cells
 of one column that lie in one chunk as one slice, so an item usually costs one
 chunk decode and copy when sampled, where an item of separate obs, next_obs and
-transition cells cost three (sampling alone 1.45 × the items/s;
+transition cells cost three (sampling alone ~1.9 × the items/s;
 benchmarks/README.md, note 1). Consecutive items share their rows, so a stacked
 observation costs nothing extra.
 
@@ -263,8 +263,9 @@ class TransitionAdder:
     references a row of another episode, and each env has its own column), the waits
     every half-window bound the unconfirmed items, and an episode's last items follow
     with the next rows' chunks or at the next wait. A lone adder does the same:
-    waiting for the server at each episode's end cost `eosrl train` ~6 % of its time
-    on MinAtar, whose episodes are short (benchmarks/README.md, note 5).
+    waiting for the server at each episode's end was ~6 % of `eosrl train`'s
+    main-thread samples in a py-spy profile on MinAtar, whose episodes are short
+    (benchmarks/README.md, note 5).
     """
 
     def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
