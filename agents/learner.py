@@ -4,7 +4,7 @@ they came from actors or from a recorded dataset.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -121,12 +121,14 @@ def make_update_fn(objective_fn: Callable, optimizer: optax.GradientTransformati
 class UpdateMetrics(Mapping[str, float]):
     """One update's metrics, which stay one float32 vector on the device until the first
     is read; that read (waiting for the update) copies them all to the host at once.
-    Kept as separate device scalars, the ~10 metrics of an update cost ~10 transfers:
-    copying a `train` record's window of them was ~6 % of `eosrl train`'s main-thread
-    samples in a py-spy profile on MinAtar (benchmarks/README.md, note 5)."""
+    Kept as separate device scalars, each metric (4 for a plain DQN update, more with
+    SN, penalties or a step-size rule) costs a transfer: copying a `train` record's
+    window of them was ~6 % of `eosrl train`'s main-thread samples in a py-spy profile
+    on MinAtar (benchmarks/README.md, note 5). `index` (name -> position) is the
+    learner's, shared by all its updates."""
 
-    def __init__(self, names: Tuple[str, ...], values: jax.Array):
-        self._index = {name: i for i, name in enumerate(names)}
+    def __init__(self, index: Dict[str, int], values: jax.Array):
+        self._index = index
         self._values = values
         self._host: Optional[np.ndarray] = None
 
@@ -150,13 +152,14 @@ class UpdateMetrics(Mapping[str, float]):
         return len(self._index)
 
 
-def _as_vector(update: Callable, names: List[str]) -> Callable:
-    """`update` returning its metrics as one vector; `names` (filled while tracing) says
+def _as_vector(update: Callable, index: Dict[str, int]) -> Callable:
+    """`update` returning its metrics as one vector; `index` (filled while tracing) says
     which entry is which."""
 
     def vector_update(state, raw_batch):
         state, metrics = update(state, raw_batch)
-        names[:] = list(metrics)
+        index.clear()
+        index.update((name, i) for i, name in enumerate(metrics))
         return state, jnp.stack([jnp.asarray(value, jnp.float32) for value in metrics.values()])
 
     return vector_update
@@ -181,9 +184,9 @@ class Learner:
             params=params, target_params=params, net_state=net_state,
             target_net_state=net_state, opt_state=self.optimizer.init(params),
             step=jnp.zeros((), jnp.int32), rng=rng)
-        self._metric_names: List[str] = []
+        self._metric_index: Dict[str, int] = {}  # filled when the update is traced
         self._update = jax.jit(_as_vector(make_update_fn(self.objective_fn, self.optimizer, agent, preprocess),
-                                          self._metric_names))
+                                          self._metric_index))
         # The update count on the host: reading `state.step` would wait for the update in
         # flight, and the loop asks for the count after every update.
         self._step = 0
@@ -193,7 +196,7 @@ class Learner:
         """One update, dispatched without waiting for it; reading its metrics waits for it."""
         self.state, values = self._update(self.state, raw_batch)
         self._step += 1
-        metrics = UpdateMetrics(tuple(self._metric_names), values)
+        metrics = UpdateMetrics(self._metric_index, values)
         self._last_metrics = metrics if "lr" in metrics else None
         return metrics
 

@@ -9,7 +9,7 @@ one window of stack + n consecutive rows of its env's column: the frames of
 both observations and, in its last row, its transition. Reverb decodes cells
 of one column that lie in one chunk as one slice, so an item usually costs one
 chunk decode and copy when sampled, where an item of separate obs, next_obs and
-transition cells cost three (sampling alone ~1.9 × the items/s;
+transition cells cost three (sampling alone 1.6-2.0 × the items/s;
 benchmarks/README.md, note 1). Consecutive items share their rows, so a stacked
 observation costs nothing extra.
 
