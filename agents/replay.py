@@ -174,9 +174,10 @@ def probe_table(max_queued: int) -> reverb.Table:
     first. The prober deletes a snapshot only once its record is written, so one it was
     measuring when it died is still there for the prober that restarts. The learner
     checks the size before inserting and skips a snapshot when the queue is full: it
-    never waits, and nothing is evicted."""
+    never waits, and nothing is evicted. One place more than `max_queued` is kept for the
+    learner's end marker, which therefore never waits for the prober either."""
     return reverb.Table(name=PROBE_TABLE, sampler=reverb.selectors.Fifo(), remover=reverb.selectors.Fifo(),
-                        max_size=max_queued, rate_limiter=reverb.rate_limiters.MinSize(1))
+                        max_size=max_queued + 1, rate_limiter=reverb.rate_limiters.MinSize(1))
 
 
 def start_server(tables: List[reverb.Table], port: Optional[int] = None,

@@ -103,20 +103,17 @@ class SnapshotQueue:
                      snap.step_scaling, snap.step, snap.lr, snap.env_steps)
         return True
 
-    def close(self, timeout_s: float = 60.0) -> bool:
-        """Queues the end marker once there is room (the prober is working through the
-        queue); False if there was none within `timeout_s`."""
-        deadline = time.time() + timeout_s
-        while self.waiting() >= self.max_queued:
-            if time.time() > deadline:
-                return False
-            time.sleep(0.5)
+    def close(self) -> None:
+        """Queues the end marker behind the snapshots still waiting. The table keeps a
+        place for it (`replay.probe_table`): were it to wait for the prober to make room,
+        a prober that restarts and compiles while the queue is full could outlast the
+        wait, and then nothing would tell it to stop."""
         self._insert((), None, -1, 0.0, 0)
-        return True
 
     def oldest(self) -> Tuple[int, Optional[ProbeSnapshot]]:
         """(key, snapshot) of the oldest waiting snapshot (waits for one), which stays
-        queued until `done(key)`; the snapshot is None for the learner's end marker."""
+        queued until `done(key)`; the snapshot is None for the learner's end marker,
+        which is never done: every prober that reads it ends."""
         _wait_for_items(self._client, replay.PROBE_TABLE)
         sample = next(self._client.sample(replay.PROBE_TABLE, num_samples=1, emit_timesteps=False))
         key = int(sample.info.key)

@@ -17,7 +17,9 @@ restarts; each record names its snapshot by the Reverb item key, and a
 restarted prober deletes, unprobed, a snapshot whose record the dead one had
 already written. So every queued snapshot gets exactly one record. When the
 learner ends it queues an end marker; the prober works through what was queued
-before it, then exits. Stopped before that (Ctrl-C), it writes how many
+before it, then exits. The marker stays queued: a prober killed after reading it
+but before exiting is restarted, and the new one must find it too, or it would
+wait for snapshots for ever. Stopped before that (Ctrl-C), it writes how many
 snapshots it left unprobed.
 
 The fixed probe batch is drawn from replay when the first snapshot arrives and
@@ -83,15 +85,16 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
     metrics = MetricsWriter(rdir)
     batch = load_probe_batch(rdir.path) if config.probe.batch == "fixed" else None
     recorded = {r.get("snapshot_key") for r in read_metrics(rdir.metrics, "probe")}  # by a prober before this one
-    probes, last_step, status = 0, 0, "completed"
+    probes, last_step, status, ended = 0, 0, "completed", False
     with stop_on_signals() as signals:
         try:
             while True:
                 key, snap = queue.oldest()
-                if snap is None or str(key) in recorded:
+                if snap is None:  # the learner's end marker, left queued (module docstring)
+                    ended = True
+                    break
+                if str(key) in recorded:
                     queue.done(key)
-                    if snap is None:
-                        break
                     continue
                 if batch is None or config.probe.batch == "fresh":
                     # When the first snapshot arrives learning has started, so replay holds data.
@@ -114,6 +117,8 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
                 raise
         finally:
             waiting = while_server_answers(queue.waiting)
+            if waiting is not None and ended:
+                waiting -= 1  # the end marker
             metrics.write("event", last_step, event="prober_finished", status=status, probes=probes,
                           unprobed_snapshots=waiting)
             metrics.close()

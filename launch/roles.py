@@ -229,6 +229,6 @@ def _finish_learner(loop: LearnerLoop, status: str, env_steps, channel: ParamsCh
     print(f"learner finished at update {step}: {status}", flush=True)
     if status != "diverged":  # never hand non-finite parameters to actors or the evaluator
         while_server_answers(lambda: channel.publish(*loop.learner.acting_params(), step, loop.last_env_steps))
-    if probe_queue is not None and not while_server_answers(probe_queue.close):
-        print("the prober did not make room for the end marker: it will be stopped", flush=True)
+    if probe_queue is not None:
+        while_server_answers(probe_queue.close)
     return status

@@ -18,7 +18,7 @@ from eosrl.agents.builder import Builder
 from eosrl.agents.config import load_config
 from eosrl.agents.probes import Prober
 from eosrl.launch.learning import LearnerLoop
-from eosrl.launch.prober import batch_digest, load_probe_batch
+from eosrl.launch.prober import PROBE_BATCH_FILE, batch_digest, load_probe_batch
 from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics
 
 PROBE = ["probe.enabled=true", "probe.mode=process", "probe.batch_size=128", "probe.num_eigs=3",
@@ -98,14 +98,19 @@ def _inline_probes_of_the_same_snapshots(run_dir, records):
 @pytest.mark.slow
 def test_prober_process_in_an_offline_launch(dataset, tmp_path):
     """Records at the learner's steps, equal to inline probes of the same snapshots; a
-    killed prober restarted; nothing dropped silently; the same batch after --resume."""
+    prober killed while it measures restarted, the snapshot and batch it had measured
+    with; nothing dropped silently; the same batch after --resume."""
     run_dir, every, total = tmp_path / "run", 500, 8000
     launcher = subprocess.Popen(_offline(dataset, run_dir, f"run.total_updates={total}", f"probe.every={every}",
                                          "probe.max_queued=4", f"run.checkpoint_every={every}",
                                          "run.keep_checkpoints=100", "probe.batch_sharpness_batches=1"),
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: _probes(run_dir), 180, "the first probe record")
+        # Killed during its first probe: the batch is drawn and kept, the probe compiles for
+        # seconds. (Killed after a record, it might have emptied the queue, end marker and
+        # all, before the kill landed: then no snapshot would be left for its successor.)
+        wait_for(lambda: (run_dir / PROBE_BATCH_FILE).exists(), 180, "the prober's batch")
+        kept = batch_digest(load_probe_batch(run_dir))
         os.kill(pids(run_dir)["prober"], signal.SIGKILL)
         wait_for(lambda: events(run_dir, "prober_restarted"), 60, "the prober restart event")
         out, err = launcher.communicate(timeout=400)
@@ -115,7 +120,8 @@ def test_prober_process_in_an_offline_launch(dataset, tmp_path):
     records = _probes(run_dir)
     restart = events(run_dir, "prober_restarted")[0]
     assert restart["exit_code"] == -signal.SIGKILL
-    assert any(r["time"] > restart["time"] for r in records)  # probing went on after the restart
+    before = [r for r in records if r["time"] < restart["time"]]
+    assert len(before) < len(records)  # probing went on after the restart
     assert events(run_dir, "prober_finished")[-1]["status"] == "completed"
     # Nothing dropped: every due step was probed or skipped (queue full) with an event; the
     # snapshot being measured when the prober was killed stayed queued for the next one.
@@ -123,10 +129,10 @@ def test_prober_process_in_an_offline_launch(dataset, tmp_path):
     probed = [r["step"] for r in records]
     assert sorted(probed + skipped) == list(range(every, total + 1, every))  # and exactly once each
     assert probed == sorted(probed)  # oldest first
-    assert sum(not r["warm_start"] for r in records) == 2  # the first probe of each prober
+    assert sum(not r["warm_start"] for r in records) == 1 + bool(before)  # the first probe of each prober
 
     raw = load_probe_batch(run_dir)
-    assert {r["batch_digest"] for r in records} == {batch_digest(raw)}  # the restarted prober's too
+    assert {r["batch_digest"] for r in records} == {batch_digest(raw)} == {kept}  # the killed prober's batch
     for record, inline in zip(records, _inline_probes_of_the_same_snapshots(run_dir, records)):
         np.testing.assert_allclose(record["eigenvalues"], inline["eigenvalues"], rtol=1e-5)
         np.testing.assert_allclose(record["residuals"], inline["residuals"], rtol=1e-3, atol=1e-6)
@@ -146,7 +152,9 @@ def test_prober_process_in_an_offline_launch(dataset, tmp_path):
 
 def test_a_restarted_prober_records_each_snapshot_once(tmp_path):
     """A prober killed after writing a record but before deleting its snapshot: the next
-    one finds the snapshot's key among the records and deletes it unprobed."""
+    one finds the snapshot's key among the records and deletes it unprobed. The learner's
+    end marker goes into a full queue at once, behind the snapshots, and stays there: a
+    prober restarted after another read it (killed before it exited) ends too."""
     import reverb
     from eosrl.agents import replay
     from eosrl.launch.channels import SnapshotQueue
@@ -159,9 +167,11 @@ def test_a_restarted_prober_records_each_snapshot_once(tmp_path):
         queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
         learner = builder.make_learner()
         snapshot = Prober(config.probe, learner).snapshot(learner.state, learner.current_lr(), 0)
-        for step in (10, 20):
+        for step in (10, 20, 30, 40):  # a full queue
             assert queue.offer(snapshot._replace(step=step))
-        assert queue.close()
+        assert not queue.offer(snapshot._replace(step=50))
+        queue.close()  # the end marker has its own place: it neither waits nor evicts
+        assert queue.waiting() == 5
         first_key, first = queue.oldest()
         assert first.step == 10
         rdir = RunDir(tmp_path).create()
@@ -172,8 +182,13 @@ def test_a_restarted_prober_records_each_snapshot_once(tmp_path):
         batch = random_items(builder, 128, rng)
         save_probe_batch(rdir.path, batch)
         assert run_prober(config, f"localhost:{server.port}", rdir.path) == 0
-        assert [r["step"] for r in read_metrics(rdir.metrics, "probe")] == [10, 20]
-        assert queue.waiting() == 0
+        assert [r["step"] for r in read_metrics(rdir.metrics, "probe")] == [10, 20, 30, 40]
+        assert queue.waiting() == 1  # the end marker
+        assert run_prober(config, f"localhost:{server.port}", rdir.path) == 0
+        assert len(list(read_metrics(rdir.metrics, "probe"))) == 4
+        finished = [r for r in read_metrics(rdir.metrics, "event") if r["event"] == "prober_finished"]
+        assert [(r["probes"], r["unprobed_snapshots"], r["status"]) for r in finished] == [
+            (3, 0, "completed"), (0, 0, "completed")]
     finally:
         server.stop()
 
@@ -207,7 +222,8 @@ def test_the_prober_measures_batch_sharpness_on_fresh_batches(tmp_path, monkeypa
         queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
         learner = builder.make_learner()
         snapshot = Prober(config.probe, learner).snapshot(learner.state, 0.01, 0)._replace(step=10)
-        assert queue.offer(snapshot) and queue.close()
+        assert queue.offer(snapshot)
+        queue.close()
         rdir = RunDir(tmp_path).create()
         probe_batch = random_items(builder, 128, rng)
         save_probe_batch(rdir.path, probe_batch)
