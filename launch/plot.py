@@ -44,7 +44,8 @@ class Plots(list):
 
 
 def read_metrics(path: Path) -> List[Record]:
-    return list(rundir.read_metrics(path))
+    """The run's history: records a resume superseded are left out."""
+    return rundir.without_superseded(rundir.read_metrics(path))
 
 
 def _scale_axes(fig, ax, plotted: List[float]) -> bool:

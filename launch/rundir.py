@@ -21,7 +21,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 
@@ -148,6 +148,24 @@ def read_metrics(path: str | Path, kind: Optional[str] = None) -> Iterator[Dict[
                 continue
             if kind is None or record.get("kind") == kind:
                 yield record
+
+
+# Records of the learner's updates that a resume from an earlier checkpoint makes again.
+SUPERSEDED_KINDS = ("train", "probe", "eval")
+
+
+def without_superseded(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A run's records as its history reads: each `resumed` event at learner update S drops
+    the `train`, `probe` and `eval` records written before it at updates after S. A crashed
+    run leaves those for updates after its last checkpoint; the resumed run makes the
+    updates again from that checkpoint and writes its own. The file keeps both (nothing
+    written is ever lost); plots and study tables read this view."""
+    kept: List[Dict[str, Any]] = []
+    for record in records:
+        if record.get("kind") == "event" and record.get("event") == "resumed":
+            kept = [r for r in kept if r.get("kind") not in SUPERSEDED_KINDS or r["step"] <= record["step"]]
+        kept.append(record)
+    return kept
 
 
 def number(value: Any) -> Optional[float]:

@@ -20,7 +20,7 @@ from eosrl.agents.config import ConfigError, load_config
 from conftest import CONFIGS, ROOT
 from processes import alive, eosrl, events, kill_launch, pids, wait_for
 from eosrl.launch import cli
-from eosrl.launch.rundir import read_metrics
+from eosrl.launch.rundir import read_metrics, without_superseded
 
 CARTPOLE = str(CONFIGS / "dqn_cartpole.yaml")
 QUICK = ["--no-progress", "--set", "run.eval_every=0", "--set", "run.eval_episodes=2",
@@ -158,6 +158,24 @@ def test_metrics_reach_the_file_at_once_and_actor_records_are_fsynced_at_most_on
     writer.close()
     writer.close()  # idempotent
     assert len(synced) == after_actor + 5  # and once more when it closes
+
+
+def test_a_resume_supersedes_the_records_of_the_updates_it_makes_again():
+    """The crashed run's records after its last checkpoint (update 200) stay in the file but
+    not in the history that plots and study tables read; events and other kinds stay."""
+    def record(kind, step, **values):
+        return {"kind": kind, "step": step, **values}
+
+    records = [record("train", 100), record("train", 200), record("probe", 200), record("train", 300),
+               record("probe", 300), record("eval", 300), record("actor", 0, env_steps=900),
+               record("event", 300, event="divergence"),
+               record("event", 200, event="resumed"), record("train", 300, again=True),
+               record("event", 250, event="resumed"), record("train", 300, again=2), record("eval", 300)]
+    history = without_superseded(records)
+    assert [(r["kind"], r["step"], r.get("again")) for r in history if r["kind"] in ("train", "probe", "eval")] == [
+        ("train", 100, None), ("train", 200, None), ("probe", 200, None), ("train", 300, 2), ("eval", 300, None)]
+    assert [r for r in history if r["kind"] in ("actor", "event")] == [r for r in records if r["kind"] in
+                                                                       ("actor", "event")]
 
 
 # ----------------------------------------------------------------------------
@@ -301,6 +319,9 @@ def test_replay_server_kill_then_resume_ends_at_the_budget(tmp_path):
     after = [r["env_steps"] for r in records[resume_at:] if r["kind"] == "train"]
     assert before == sorted(before) and after == sorted(after) and after
     assert after[0] >= saved["env_steps"]
+    history = [r for r in without_superseded(records) if r["kind"] == "train"]  # what plots read
+    assert [r["step"] for r in history] == sorted({r["step"] for r in history})
+    assert [r["env_steps"] for r in history] == sorted(r["env_steps"] for r in history)
     actors = list(read_metrics(run_dir / "metrics.jsonl", "actor"))
     assert max(r["env_steps"] for r in actors if r["actor"] == 0) <= 3000
     # Item 7: the actors' writers keep their unconfirmed items below the level at which

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from eosrl.agents.config import Config, ConfigError, load_config
-from eosrl.launch.rundir import RunDir, number, read_metrics
+from eosrl.launch.rundir import RunDir, number, read_metrics, without_superseded
 
 ROOT = Path(__file__).resolve().parents[2]
 FINISHED = ("completed", "diverged")  # statuses of a run that need not run again
@@ -402,8 +402,9 @@ def plan_study(study: dict, study_path: Path, study_dir: Path, validate: bool = 
 
 
 def read_records(run_dir: Path) -> List[Dict[str, Any]]:
+    """The run's history: records a resume superseded are left out."""
     path = RunDir(run_dir).metrics
-    return list(read_metrics(path)) if path.is_file() else []
+    return without_superseded(read_metrics(path)) if path.is_file() else []
 
 
 def finished_status(run_dir: Path) -> Optional[str]:
