@@ -85,7 +85,7 @@ def test_episode_boundary_does_not_leak_frames_and_life_loss_stops_bootstrap():
     server.stop()
 
 
-def test_item_to_transition_restores_env_layout():
+def test_layout_to_transition_restores_env_layout_and_next_obs_steps_on():
     layout = replay.ItemLayout((3, 3), np.int32, 4, 2)
     frames = np.arange(2 * 6 * 3 * 3, dtype=np.int32).reshape(2, 6, 3, 3)  # two windows of stack + n frames
     # Item 0 bootstraps from 2 steps on, item 1 (an episode's end) from 1.
