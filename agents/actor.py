@@ -48,7 +48,7 @@ def make_greedy(network: networks.Network):
 
     def greedy(params, net_state, obs):
         out, _ = network.apply(params, net_state, obs, False)
-        return jnp.argmax(networks.q_values(network, out), axis=-1)
+        return jnp.argmax(network.agent_kind.q_values(out), axis=-1)
 
     return jax.jit(greedy)
 

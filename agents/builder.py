@@ -124,7 +124,7 @@ class Builder:
             if self.config.regime.mode != "online":
                 from eosrl.agents.dataset import DatasetReader
                 reader = DatasetReader(self.config.regime.dataset, verify="none")
-                self._preloaded = int(self._selection(reader).sum())
+                self._preloaded = int(self.selection(reader).sum())
         return self._preloaded
 
     def schedule(self) -> Schedule:
@@ -169,7 +169,7 @@ class Builder:
         reader = dataset.DatasetReader(g.dataset)
         reader.check_env(env)
         reader.check_frames(self.spec.frame_shape, self.spec.obs_dtype)
-        selection = self._selection(reader)
+        selection = self.selection(reader)
         corruption = None
         if g.corruption > 0:
             corruption = reader.corrupt(selection, g.corruption, g.corruption_field,
@@ -180,7 +180,7 @@ class Builder:
         return {"dataset": g.dataset, "subset": g.subset, "corruption": g.corruption,
                 "corrupted": 0 if corruption is None else len(corruption.indices), **inserted}
 
-    def _selection(self, reader) -> np.ndarray:
+    def selection(self, reader) -> np.ndarray:
         """The mask of the transitions `regime.subset` picks from the dataset."""
         mode, count = parse_subset(self.config.regime.subset)
         return reader.select(mode, count, seed=self.config.run.seed)
@@ -188,8 +188,15 @@ class Builder:
     # --- learning -----------------------------------------------------------------
 
     def make_learner(self) -> Learner:
+        """The learner; offline, it can also run fused updates that draw their batches from
+        the dataset on the device (agents/offline.py) with its own key."""
+        sample_items = None
+        if self.config.regime.mode == "offline":
+            from eosrl.agents import offline
+            batch_size = self.config.replay.batch_size
+            sample_items = lambda data, key: offline.sample_items(data, key, batch_size)  # noqa: E731
         return Learner(self.network, self.config.agent, self.config.run.seed,
-                       preprocess=self.layout.to_transition)
+                       preprocess=self.layout.to_transition, sample_items=sample_items)
 
     def restore(self, learner: Learner, path: Path) -> Tuple[Optional[Dict[str, np.ndarray]], Dict[str, Any]]:
         """Loads checkpoint `path` into `learner`: (its fixed probe batch or None, its meta)."""

@@ -16,6 +16,7 @@ from typing import Any, List, Literal, Optional
 
 import yaml
 
+from eosrl.agents import kinds
 from eosrl.envs.config import EnvConfig
 
 
@@ -85,8 +86,10 @@ class SpectralNormConfig:
 
 @dataclass
 class AgentConfig:
-    kind: Literal["dqn", "c51"] = "dqn"
-    """`dqn` (Huber TD loss) or `c51` (categorical cross-entropy loss)."""
+    kind: str = "dqn"
+    """The agent, a name in the registry of agents/kinds.py: `dqn` (Huber TD loss), `c51`
+    (categorical cross-entropy loss) or `qrdqn` (quantile Huber loss). Its fields below
+    (`huber_delta`; `num_atoms`, `v_min`, `v_max`; `num_quantiles`) name it."""
     network: Literal["auto", "mlp", "minatar_cnn", "nature_cnn"] = "auto"
     """`mlp`, `minatar_cnn`, `nature_cnn`, or `auto` (chosen from the env kind)."""
     hidden_sizes: List[int] = field(default_factory=lambda: [64, 64])
@@ -107,6 +110,9 @@ class AgentConfig:
     """Lowest C51 atom."""
     v_max: float = 10.0
     """Highest C51 atom."""
+    num_quantiles: int = 200
+    """QR-DQN quantiles per action, N (Dabney et al., 2018 used 200 on Atari; the loss, a
+    sum over them, and its sharpness grow with N: agents/qrdqn.py)."""
     target_update_period: int = 100
     """Learner updates between copies of the online parameters into `target_params`."""
     epsilon_start: float = 1.0
@@ -153,13 +159,16 @@ class ReplayConfig:
 @dataclass
 class RunConfig:
     total_env_steps: int = 50_000
-    """Env steps collected by the behaviour policy over the whole run (online regimes)."""
+    """Env steps collected by the behaviour policy over the whole run: > 0 in the `online`
+    and `offline_to_online` regimes, unused (any value >= 0) in `offline`."""
     total_updates: int = 0
-    """Learner updates of an `offline` regime. In offline runs eval_every, checkpoint_every
-    and log_every count learner updates, since no env steps are taken."""
+    """Learner updates of an `offline` regime (> 0 there; unused otherwise). In offline runs
+    eval_every, checkpoint_every and log_every count learner updates, since no env steps are taken."""
     seed: int = 0
-    """Seed of the envs, network initialisation, ε-greedy exploration, evaluation episodes and
-    the dataset subset and corruption. Not of replay sampling: Reverb's selectors draw from an
+    """Seed of the envs, network initialisation, ε-greedy exploration, evaluation episodes, the
+    dataset subset and corruption, and, in `eosrl train` offline, of every batch (drawn on the
+    device with the learner's key): two such runs with one seed are bit-identical. Not of Reverb
+    replay sampling (online, offline-to-online, `eosrl launch`): its selectors draw from an
     unseeded generator in C++, so two runs with one seed match until the first sampled batch
     and differ after it (README, Reproducibility)."""
     eval_every: int = 10_000
@@ -186,6 +195,11 @@ class ProbeConfig:
     measures snapshots the learner publishes, while it keeps learning (`eosrl train` always probes inline)."""
     every: int = 100
     """Learner updates between probes."""
+    full_every: int = 0
+    """Learner updates between full probes (a multiple of `every`; 0: every probe is full). A full probe
+    measures the top `num_eigs` eigenvalues, `smallest`, the unscaled λ₁ and the batch sharpness; the probes
+    between them measure λ₁ only (k = 1, warm-started from the last probe's top eigenvector, stopped on the
+    residual), for a few HVPs: records with `full: false` and one eigenvalue (docs/design.md, Probes)."""
     num_eigs: int = 5
     """Top eigenvalues reported (sorted by value, largest first)."""
     method: Literal["lobpcg", "lanczos"] = "lobpcg"
@@ -384,16 +398,74 @@ def parse_overrides(overrides: List[str]) -> List[tuple]:
     return pairs
 
 
+# ----------------------------------------------------------------------------
+# Reading a user's YAML file (configs, study files): PyYAML's SafeLoader reads an
+# empty file as None and keeps the last of two equal keys, so a blank file or a
+# `kind:` given twice would run something else than written, without a word.
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(f"duplicate key '{key}' on lines {first} and {second} "
+                         f"(YAML would keep only the last; remove one)")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, at any depth."""
+
+    def construct_document(self, node):
+        _check_duplicates(self, node, "", set())
+        return super().construct_document(node)
+
+
+def _check_duplicates(loader: yaml.SafeLoader, node: yaml.Node, where: str, seen: set) -> None:
+    """Raises _DuplicateKey for the first key that appears twice in a mapping under `node`;
+    `where` is the node's dotted path (`agent`, `stages[0].runs[1].set`)."""
+    if id(node) in seen:  # an alias: checked where its anchor stands (and no cycles)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(loader, item, f"{where}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key: an override by design
+                _check_duplicates(loader, value_node, where, seen)
+                continue
+            key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{where}.{key}" if where else str(key)
+            line = key_node.start_mark.line + 1
+            if key is not None and key in lines:
+                raise _DuplicateKey(dotted, lines[key], line)
+            if key is not None:
+                lines[key] = line
+            _check_duplicates(loader, value_node, dotted, seen)
+
+
+def read_yaml(path: Path, what: str = "config", error: type = ConfigError) -> Any:
+    """The YAML document of `path` (a file that exists). An empty file (or one of only
+    comments), invalid YAML or a duplicate key raise `error` with one line naming the file."""
+    loader = _StrictLoader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise error(f"{path}: the {what} file is empty (nothing but comments or blank lines)")
+        return loader.construct_document(node)
+    except _DuplicateKey as e:
+        raise error(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Config:
     """Reads a YAML config, applies `--set` overrides, and validates the result."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (env, agent, replay, run)")
     for key, value in parse_overrides(overrides or []):
@@ -431,6 +503,10 @@ def _validate_probe(p: ProbeConfig, capacity: int) -> None:
         raise ConfigError(f"probe.tolerance: must be in (0, 1), got {p.tolerance}")
     if p.method == "lanczos" and p.iterations < p.num_eigs:
         raise ConfigError(f"probe.iterations: {p.iterations} is fewer than probe.num_eigs {p.num_eigs}")
+    _positive("probe.full_every", p.full_every, allow_zero=True)
+    if p.full_every % p.every:
+        raise ConfigError(f"probe.full_every: {p.full_every} is not a multiple of probe.every {p.every} "
+                          "(0: every probe is full)")
     for name in ("trace_every", "geometric_complexity_every"):
         every = getattr(p, name)
         _positive(f"probe.{name}", every, allow_zero=True)
@@ -484,7 +560,10 @@ def validate(c: Config) -> None:
     if not 0.0 <= a.discount <= 1.0:
         raise ConfigError(f"agent.discount: must be in [0, 1], got {a.discount}")
     _positive("agent.n_step", a.n_step)
+    if a.kind not in kinds.REGISTRY:
+        raise ConfigError(f"agent.kind: unknown kind {a.kind!r} (registered: {', '.join(kinds.REGISTRY)})")
     _positive("agent.huber_delta", a.huber_delta)
+    _positive("agent.num_quantiles", a.num_quantiles)
     if a.num_atoms < 2:
         raise ConfigError(f"agent.num_atoms: must be >= 2, got {a.num_atoms}")
     if a.v_min >= a.v_max:
@@ -509,6 +588,11 @@ def validate(c: Config) -> None:
     if r.min_size > r.capacity:
         raise ConfigError(f"replay.min_size: {r.min_size} is larger than replay.capacity {r.capacity}")
     u = c.run
+    # The budget the regime runs on must be positive: with none the run would "complete" at
+    # once, untrained. Offline runs take no env steps: their total_env_steps is unused.
+    if c.regime.mode != "offline" and not u.total_env_steps > 0:
+        raise ConfigError(f"run.total_env_steps: must be > 0 (regime.mode {c.regime.mode} runs that many "
+                          f"env steps), got {u.total_env_steps}")
     _positive("run.total_env_steps", u.total_env_steps, allow_zero=True)
     _positive("run.eval_every", u.eval_every, allow_zero=True)
     _positive("run.eval_episodes", u.eval_episodes)
@@ -531,8 +615,9 @@ def validate(c: Config) -> None:
     parse_subset(g.subset)
     if g.mode != "online" and not g.dataset:
         raise ConfigError(f"regime.dataset: regime.mode {g.mode} needs the path of a dataset")
-    if g.mode == "offline" and u.total_updates <= 0:
-        raise ConfigError("run.total_updates: an offline regime needs a budget of learner updates > 0")
+    if g.mode == "offline" and not u.total_updates > 0:
+        raise ConfigError(f"run.total_updates: must be > 0 (the learner updates of an offline run), "
+                          f"got {u.total_updates}")
     if not RUN_NAME.fullmatch(c.name) or c.name in (".", ".."):
         # The name becomes runs/<name>, which --overwrite may delete: it must stay inside runs/.
         raise ConfigError(f"name: must be letters, digits, '_', '-' or '.' (not '.' or '..'), got {c.name!r}")

@@ -1,5 +1,6 @@
-"""Value networks in haiku: an MLP, the MinAtar CNN and the Nature CNN, with a
-Q-value head (DQN) or a distributional head (C51).
+"""Value networks in haiku: an MLP, the MinAtar CNN and the Nature CNN, with the head
+of the agent kind (agents/kinds.py): Q-values (DQN), logits on atoms (C51), quantiles
+(QR-DQN).
 
 Every weight layer has a stable name (`conv_0`, ..., `dense_0`, ..., `head`)
 so spectral normalisation and the probes can address layers by name or by
@@ -9,7 +10,8 @@ iteration vectors of spectrally normalised layers (empty without SN).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+import math
+from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
 
 import haiku as hk
 import jax
@@ -17,21 +19,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from eosrl.agents.config import AgentConfig
-from eosrl.agents import spectral_norm
+from eosrl.agents import kinds, spectral_norm
 
 
 class Network(NamedTuple):
     """A pure network: `init(rng, obs) -> (params, state)`,
     `apply(params, state, obs, update_sn) -> (output, new_state)`.
 
-    `output` is Q-values [B, A] for DQN and logits [B, A, atoms] for C51.
+    `output` is [B, *agent_kind.head_shape(num_actions)]: Q-values [B, A] (DQN),
+    logits [B, A, atoms] (C51), quantiles [B, A, N] (QR-DQN); `agent_kind.q_values(output)`
+    gives the Q-values [B, A] and `agent_kind.loss` the TD loss on outputs.
     `layer_names` lists the weight layers from input to output.
     """
     init: Callable
     apply: Callable
     layer_names: Tuple[str, ...]
     num_actions: int
-    atoms: Optional[jnp.ndarray]  # C51 support, None for DQN
+    agent_kind: kinds.AgentKind
 
 
 def resolve_network(agent: AgentConfig, env_kind: str) -> str:
@@ -40,34 +44,35 @@ def resolve_network(agent: AgentConfig, env_kind: str) -> str:
     return {"atari": "nature_cnn", "minatar": "minatar_cnn"}.get(env_kind, "mlp")
 
 
-def layer_names(kind: str, hidden_sizes: Sequence[int]) -> List[str]:
-    if kind == "mlp":
+def layer_names(network: str, hidden_sizes: Sequence[int]) -> List[str]:
+    if network == "mlp":
         return [f"dense_{i}" for i in range(len(hidden_sizes))] + ["head"]
-    if kind == "minatar_cnn":
+    if network == "minatar_cnn":
         return ["conv_0", "dense_0", "head"]
-    if kind == "nature_cnn":
+    if network == "nature_cnn":
         return ["conv_0", "conv_1", "conv_2", "dense_0", "head"]
-    raise ValueError(f"agent.network: unknown network {kind!r}")
+    raise ValueError(f"agent.network: unknown network {network!r}")
 
 
-def _torso_spec(kind: str, hidden_sizes: Sequence[int]):
+def _torso_spec(network: str, hidden_sizes: Sequence[int]):
     """(conv layers as (channels, kernel, stride), dense widths) of each network."""
-    if kind == "mlp":
+    if network == "mlp":
         return [], list(hidden_sizes)
-    if kind == "minatar_cnn":  # Young & Tian (2019): conv 16 3x3 stride 1, dense 128.
+    if network == "minatar_cnn":  # Young & Tian (2019): conv 16 3x3 stride 1, dense 128.
         return [(16, 3, 1)], [128]
-    if kind == "nature_cnn":  # Mnih et al. (2015).
+    if network == "nature_cnn":  # Mnih et al. (2015).
         return [(32, 8, 4), (64, 4, 2), (64, 3, 1)], [512]
-    raise ValueError(f"agent.network: unknown network {kind!r}")
+    raise ValueError(f"agent.network: unknown network {network!r}")
 
 
 def make_network(agent: AgentConfig, env_kind: str, obs_shape: Sequence[int],
                  num_actions: int) -> Network:
-    kind = resolve_network(agent, env_kind)
-    convs, denses = _torso_spec(kind, agent.hidden_sizes)
-    names = layer_names(kind, agent.hidden_sizes)
+    network = resolve_network(agent, env_kind)
+    convs, denses = _torso_spec(network, agent.hidden_sizes)
+    names = layer_names(network, agent.hidden_sizes)
     sn = spectral_norm.LayerSelector(agent.spectral_norm, names)
-    num_atoms = agent.num_atoms if agent.kind == "c51" else 1
+    agent_kind = kinds.make(agent)
+    head_shape = agent_kind.head_shape(num_actions)
     # Small-scale init on the head keeps initial Q-values near zero (as in DQN Zoo).
     w_init = hk.initializers.VarianceScaling(1.0, "fan_avg", "uniform")
 
@@ -82,25 +87,14 @@ def make_network(agent: AgentConfig, env_kind: str, obs_shape: Sequence[int],
         for i, width in enumerate(denses):
             x = sn.linear(f"dense_{i}", width, w_init, update_sn)(x)
             x = jax.nn.relu(x)
-        out = sn.linear("head", num_actions * num_atoms, w_init, update_sn)(x)
-        if agent.kind == "c51":
-            return out.reshape(out.shape[:-1] + (num_actions, num_atoms))
-        return out
+        out = sn.linear("head", math.prod(head_shape), w_init, update_sn)(x)
+        return out.reshape(out.shape[:-1] + head_shape)
 
     transformed: Any = hk.without_apply_rng(hk.transform_with_state(forward))
-    atoms = (jnp.linspace(agent.v_min, agent.v_max, agent.num_atoms)
-             if agent.kind == "c51" else None)
     dummy = np.zeros((1,) + tuple(obs_shape), np.float32)
 
     def init(rng):
         return transformed.init(rng, jnp.asarray(dummy))
 
     return Network(init=init, apply=transformed.apply, layer_names=tuple(names),
-                   num_actions=num_actions, atoms=atoms)
-
-
-def q_values(network: Network, output: jnp.ndarray) -> jnp.ndarray:
-    """Q-values [B, A] from the network output (C51: expectation over atoms)."""
-    if network.atoms is None:
-        return output
-    return jnp.sum(jax.nn.softmax(output, axis=-1) * network.atoms, axis=-1)
+                   num_actions=num_actions, agent_kind=agent_kind)

@@ -204,7 +204,7 @@ class Prober:
         self._rng = jax.random.PRNGKey(seed)
         self._vectors: Optional[Dict[str, jnp.ndarray]] = None  # of the last probe
         self._snapshot = jax.jit(lambda s: step_scaling(s.opt_state, s.net_state, s.params, self.agent))
-        self._measure = jax.jit(self._measure_fn)  # compiled once per batch shape
+        self._measure = jax.jit(self._measure_fn, static_argnums=4)  # once per batch shape and kind
         self._trace = jax.jit(self._trace_fn)
         self._complexity = jax.jit(self._complexity_fn)
         self._batch_sharpness = jax.jit(self._batch_sharpness_fn)  # compiled once per (K, batch shape)
@@ -213,6 +213,10 @@ class Prober:
         """Probe every `config.every` learner updates (not before the first:
         an adaptive optimiser has no preconditioner until it has seen a gradient)."""
         return self.config.enabled and step > 0 and step % self.config.every == 0
+
+    def is_full(self, step: int) -> bool:
+        """Whether the probe at `step` is a full one (`probe.full_every`), else λ₁ only."""
+        return not self.config.full_every or step % self.config.full_every == 0
 
     def forget_vectors(self) -> None:
         """The next probe starts cold (random vectors), as after a restart."""
@@ -240,17 +244,24 @@ class Prober:
                                       init.dtype)
         return top_eigenpairs(matvec, init, c.tolerance, c.iterations)
 
-    def _measure_fn(self, snap: ProbeSnapshot, batch, vectors: Dict[str, jnp.ndarray], rng):
+    def _measure_fn(self, snap: ProbeSnapshot, batch, vectors: Dict[str, jnp.ndarray], rng, full: bool = True):
+        """A full probe, or (`full` False) λ₁ alone: the solver on the first start vector
+        only (the last probe's top eigenvector), whose new vector replaces it."""
         c = self.config
         loss, flat = self._loss_of_flat(snap, batch)
         hvp = make_hvp(loss, flat)
         k_main, k_raw, k_min = jax.random.split(rng, 3)
         scaling = snap.step_scaling
         operator = hvp if scaling is None else preconditioned(hvp, scaling)
-        main = self._solve(operator, vectors["main"], k_main)
+        main = self._solve(operator, vectors["main"] if full else vectors["main"][:1], k_main)
         out = {key: main[key] for key in ("values", "residuals", "converged")}
-        new_vectors = {"main": main["vectors"]}
+        new_vectors = {"main": main["vectors"] if full else vectors["main"].at[:1].set(main["vectors"])}
+        out["grad_norm"] = jnp.linalg.norm(jax.grad(loss)(flat))
+        out["param_norm"] = jnp.linalg.norm(flat)
         hvps = main["hvps"]
+        if not full:
+            out["hvps"] = hvps
+            return out, new_vectors
         if scaling is not None:  # λ₁ of H itself, for comparison
             raw = self._solve(hvp, vectors["raw"], k_raw)
             out["raw_sharpness"], new_vectors["raw"], hvps = raw["values"][0], raw["vectors"][:1], hvps + raw["hvps"]
@@ -261,8 +272,6 @@ class Prober:
                 low = smallest_eigenpair(operator, vectors["min"], c.tolerance, c.iterations)
                 out["lambda_min"], out["lambda_min_residual"] = low["values"][0], low["residuals"][0]
                 new_vectors["min"], hvps = low["vectors"], hvps + low["hvps"]
-        out["grad_norm"] = jnp.linalg.norm(jax.grad(loss)(flat))
-        out["param_norm"] = jnp.linalg.norm(flat)
         out["hvps"] = hvps
         return out, new_vectors
 
@@ -337,8 +346,11 @@ class Prober:
 
     # -- the record -------------------------------------------------------------
 
-    def probe(self, snap: ProbeSnapshot, batch, sharpness_batches: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
-        """Measures `snap` on `batch`; a JSON-ready `probe` record.
+    def probe(self, snap: ProbeSnapshot, batch, sharpness_batches: Optional[Sequence[Any]] = None,
+              full: bool = True) -> Dict[str, Any]:
+        """Measures `snap` on `batch`; a JSON-ready `probe` record (`full`, and `num_eigs`
+        eigenvalues). With `full` False (between full probes, `is_full`) λ₁ alone: the
+        record has one eigenvalue and no `raw_sharpness`, `lambda_min` or batch sharpness.
 
         `sharpness_batches`: K preprocessed batches of the training batch size
         (`draw_sharpness_batches`); then the record also has, over them
@@ -357,13 +369,14 @@ class Prober:
         rng = jax.random.fold_in(self._rng, step)
         warm = self._vectors is not None and c.method == "lobpcg"
         vectors = self._start_vectors(ravel_pytree(snap.params)[0].shape[0], rng)
-        out, new_vectors = self._measure(snap, batch, vectors, rng)
+        out, new_vectors = self._measure(snap, batch, vectors, rng, full)
         out = jax.device_get(out)
         self._vectors = {**vectors, **new_vectors}
         threshold = stability_threshold(self.opt_config, snap.lr)
         eigenvalues = [float(v) for v in out["values"]]
         record: Dict[str, Any] = {
-            "kind": "probe", "step": step, "method": c.method, "operator": operator_name(self.agent),
+            "kind": "probe", "step": step, "full": full, "num_eigs": int(len(out["values"])),
+            "method": c.method, "operator": operator_name(self.agent),
             "preconditioned": is_adaptive(self.opt_config), "warm_start": warm,
             "eigenvalues": eigenvalues, "residuals": [float(r) for r in out["residuals"]],
             "converged": [bool(x) for x in out["converged"]], "sharpness": eigenvalues[0],

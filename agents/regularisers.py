@@ -55,8 +55,8 @@ def network_inputs(obs: jnp.ndarray) -> jnp.ndarray:
 
 
 def q_network_complexity(network: networks.Network, params: Any, net_state: Any, obs: jnp.ndarray) -> jax.Array:
-    """Geometric complexity of the Q-values (C51: their expectation) on a batch of observations."""
+    """Geometric complexity of the Q-values (of a distributional head: their means) on a batch of observations."""
     def q_of_inputs(x):
         output, _ = network.apply(params, net_state, x, False)
-        return networks.q_values(network, output)
+        return network.agent_kind.q_values(output)
     return geometric_complexity(q_of_inputs, network_inputs(obs))

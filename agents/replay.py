@@ -269,9 +269,9 @@ class TransitionAdder:
     (benchmarks/README.md, note 5).
     """
 
-    def __init__(self, client: reverb.Client, n_step: int, discount: float, frame_stack: int,
+    def __init__(self, client: Optional[reverb.Client], n_step: int, discount: float, frame_stack: int,
                  table: str = REPLAY_TABLE, max_in_flight_items: int = MAX_IN_FLIGHT_ITEMS,
-                 _writer: Optional[_CellWriter] = None, _env: int = 0):
+                 _writer: Any = None, _env: int = 0):
         self._n = n_step
         self._gamma = discount
         self._stack = frame_stack
@@ -296,6 +296,14 @@ class TransitionAdder:
                              _keep_alive(envs, n_step, frame_stack, max_in_flight_items))
         return [cls(client, n_step, discount, frame_stack, table, max_in_flight_items, _writer=writer, _env=env)
                 for env in range(envs)]
+
+    @classmethod
+    def into(cls, writer: Any, n_step: int, discount: float, frame_stack: int) -> "TransitionAdder":
+        """An adder that writes its rows and items through `writer` instead of Reverb: any
+        object with the calls it makes of a `_CellWriter` (`cells.Append([row]) -> [reference]`,
+        `create_item(references)`, `wait(n)`, `close()`). The offline regime's device data
+        (agents/offline.py, `RowArrays`) is made this way, so its items are these."""
+        return cls(None, n_step, discount, frame_stack, _writer=writer)
 
     def _frame(self, obs: np.ndarray) -> np.ndarray:
         return obs[..., -1] if self._stack > 1 else obs

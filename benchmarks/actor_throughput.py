@@ -34,6 +34,7 @@ from eosrl.agents.config import load_config  # noqa: E402
 from eosrl.envs.factory import make_env  # noqa: E402
 from eosrl.launch.channels import ParamsChannel, connect, inserted_steps  # noqa: E402
 from eosrl.agents.builder import Builder  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 
 def bare_loop(config, parts, steps: int, envs: int = 1) -> float:
@@ -93,7 +94,7 @@ def actor_process(config_path: str, parts, steps: int, tmp: Path, envs: int = 1,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--config", default="configs/dqn_minatar_breakout.yaml")
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--envs-per-actor", type=int, default=1,
@@ -122,6 +123,15 @@ def main() -> None:
     if single is not None:
         print(f"single-env actor process writing to Reverb:     {single:8.1f} steps/s")
         print(f"ratio actor/single-env actor: {actor / single:.2f}  (target >= 3)")
+    env = f"{'MinAtar' if config.env.kind == 'minatar' else 'Atari'} {config.env.id.capitalize()}"
+    policy = "ε schedule" if args.epsilon is None else f"fixed ε {args.epsilon:g}"
+    if envs == 1:
+        name, baselines, target = f"one actor process writing to Reverb, {env}, {policy}", {}, "≥ 0.9 × bare"
+    else:
+        name, target = f"{envs} envs in one actor, {env}, {policy}", "≥ 0.85 × bare, ≥ 3 × single-env"
+        baselines = {"single-env": round(single, 1)}
+    record.save(args, [record.figure(name, round(actor, 1), "steps/s", baselines={"bare": round(bare, 1), **baselines},
+                                     target=target)])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from eosrl.launch.rundir import read_metrics  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 
 def bare_update(config_path: str, updates: int = 1000) -> float:
@@ -56,18 +57,25 @@ def run(config: str, actors: int, env_steps: int, run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--config", default="configs/dqn_minatar_breakout.yaml")
     parser.add_argument("--env-steps", type=int, default=30_000)
     args = parser.parse_args()
     bare = bare_update(args.config)
     print(f"bare jitted update (pre-made batch): {bare:7.1f} updates/s", flush=True)
+    figures = []
     with tempfile.TemporaryDirectory() as tmp:
         for actors in (1, 2):
             r = run(args.config, actors, args.env_steps, Path(tmp) / f"a{actors}")
             print(f"{actors} actor(s): {r['env_steps_per_second']:7.1f} env steps/s, "
                   f"{r['updates_per_second']:7.1f} updates/s ({r['updates_per_second'] / bare:.2f} × bare, "
                   f"target ≥ 0.8)", flush=True)
+            figures.append(record.figure(f"eosrl launch, {actors} actor{'s' if actors > 1 else ''}",
+                                         round(r["updates_per_second"], 1), "updates/s",
+                                         baselines={"bare": round(bare, 1)},
+                                         details={"env steps/s": round(r["env_steps_per_second"], 1)},
+                                         target="updates/s ≥ 0.8 × bare"))
+    record.save(args, figures)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:  # runnable as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from eosrl.agents.probes import top_eigenvalues  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 DEFAULT_PLOT = ROOT / "benchmarks" / "plots" / "eos_supervised.png"
 
@@ -186,7 +187,7 @@ def verdict_line(r: Dict[str, Any], last_fraction: float) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--probe-every", type=int, default=20)
@@ -199,6 +200,12 @@ def main(argv=None) -> int:
                  iterations=args.iterations, last_fraction=args.last_fraction, seed=args.seed,
                  plot_path=args.plot)
     print(f"plot: {result['plot']}")
+    record.save(args, [record.figure(
+        f"mean λ₁/(2/η) over the last {100 * args.last_fraction:.0f} % of training", round(result["last_part_mean_ratio"], 3),
+        "× 2/η", target="within ±10 % of 2/η",
+        details={"min": round(result["last_part_min_ratio"], 3), "max": round(result["last_part_max_ratio"], 3),
+                 "probes within ±10 %": f"{result['last_part_within_fraction']:.0%} of {result['last_part_probes']}",
+                 "first within 10 % at step": result["first_step_near_threshold"]})])
     return 0 if result["rose"] and result["last_part_within_fraction"] == 1.0 else 1
 
 

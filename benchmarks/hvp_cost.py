@@ -38,6 +38,7 @@ from eosrl.agents import networks  # noqa: E402
 from eosrl.agents.config import AgentConfig  # noqa: E402
 from eosrl.agents.learner import Transition, make_loss_fn  # noqa: E402
 from eosrl.agents.probes import make_hvp  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 CASES = {
     # name: (env kind, observation shape, observation dtype)
@@ -102,7 +103,7 @@ def measure(case: str, batch_size: int = 512, num_actions: int = 6,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nature-repeats", type=int, default=3)
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch_size}, "
           f"DQN loss, median of repeats (compilation excluded)")
-    ok = True
+    ok, figures = True, []
     for case, repeats in (("minatar", args.repeats), ("nature", args.nature_repeats)):
         r = measure(case, args.batch_size, repeats=repeats)
         ok &= r["ratio"] <= args.target
@@ -118,6 +119,11 @@ def main(argv=None) -> int:
               f"HVP {r['hvp_s'] * 1e3:9.1f} ms  HVP/grad {r['ratio']:.2f}x  "
               f"({'within' if r['ratio'] <= args.target else 'ABOVE'} target {args.target:g}x, "
               f"{repeats} repeats)", flush=True)
+        network = "MinAtar CNN" if case == "minatar" else "Nature CNN"
+        figures.append(record.figure(f"one HVP, {network}, batch {args.batch_size}", round(r["hvp_s"] * 1e3, 1), "ms",
+                                     baselines={"gradient": round(r["grad_s"] * 1e3, 1)},
+                                     target=f"≤ {args.target:g} × gradient"))
+    record.save(args, figures)
     return 0 if ok else 1
 
 

@@ -23,6 +23,7 @@ import reverb  # noqa: E402
 from eosrl.agents import replay  # noqa: E402
 from eosrl.agents.config import load_config  # noqa: E402
 from eosrl.agents.builder import Builder  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 CONFIGS = {"minatar": "configs/dqn_minatar_breakout.yaml", "atari": "configs/dqn_atari_pong.yaml"}
 
@@ -59,7 +60,7 @@ def time_updates(step, count: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--env", choices=sorted(CONFIGS), default="minatar")
     parser.add_argument("--updates", type=int, default=None, help="timed updates (default by env)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -81,6 +82,9 @@ def main() -> None:
     print(f"fed from Reverb (batch stream):      {fed:8.1f} updates/s")
     print(f"ratio fed/bare: {fed / bare:.3f}  (target >= 0.9)")
     server.stop()
+    network = "MinAtar CNN" if args.env == "minatar" else "Nature CNN"
+    record.save(args, [record.figure(f"fed from Reverb, {network}, batch {args.batch_size}", round(fed, 1),
+                                     "updates/s", baselines={"bare": round(bare, 1)}, target="≥ 0.9 × bare")])
 
 
 if __name__ == "__main__":

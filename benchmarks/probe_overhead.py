@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from eosrl.launch.rundir import read_metrics  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 CONFIG = "configs/eos_dqn_minatar_breakout.yaml"
 MODES = {"off": ["probe.enabled=false"], "inline": ["probe.mode=inline"], "process": ["probe.mode=process"]}
@@ -90,7 +91,7 @@ def cold_start_hvps(run_dir: Path) -> Dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--updates", type=int, default=5000)
     parser.add_argument("--dataset-steps", type=int, default=20000)
     args = parser.parse_args()
@@ -100,6 +101,7 @@ def main() -> None:
         runs = {mode: launch(mode, dataset, args.updates, Path(tmp) / mode) for mode in MODES}
         cold = cold_start_hvps(Path(tmp) / "process")
     rates = {mode: updates_per_second(records) for mode, records in runs.items()}
+    warm_hvps, warm_seconds, skips = {}, {}, {}
     print(f"MinAtar Breakout DQN offline, batch 512, {args.updates} updates, top-5 every 100 updates on a "
           f"fixed batch of 512, probe.tolerance 1e-3 ({args.dataset_steps}-step dataset)")
     for mode, records in runs.items():
@@ -108,14 +110,30 @@ def main() -> None:
         if probes:
             skipped = [r for r in records if r["kind"] == "event" and r.get("event") == "probe_skipped"]
             warm = [p for p in probes if p.get("warm_start")]
+            warm_hvps[mode] = sum(p["hvps"] for p in warm) / max(1, len(warm))
+            warm_seconds[mode] = sum(p["seconds"] for p in warm) / max(1, len(warm))
+            skips[mode] = len(skipped)
             line += (f"; {len(probes)} probes, {len(skipped)} skipped; HVPs cold {probes[0]['hvps']}, warm mean "
-                     f"{sum(p['hvps'] for p in warm) / max(1, len(warm)):.1f}; seconds per warm probe "
-                     f"{sum(p['seconds'] for p in warm) / max(1, len(warm)):.2f}; "
+                     f"{warm_hvps[mode]:.1f}; seconds per warm probe {warm_seconds[mode]:.2f}; "
                      f"unconverged pairs {sum(not c for p in probes for c in p['converged'])}")
         print(line)
     print(f"  on the last snapshot: cold lobpcg {cold['lobpcg_cold']['hvps']} HVPs, "
           f"{cold['lobpcg_cold']['seconds']:.2f} s; 30 Lanczos steps {cold['lanczos_30']['hvps']} HVPs, "
           f"{cold['lanczos_30']['seconds']:.2f} s; top-5 agree to {cold['agreement']:.1e} of λ₁")
+    off = {"off": round(rates["off"], 1)}
+    record.save(args, [
+        record.figure("learner with probes inline", round(rates["inline"], 1), "updates/s", baselines=off,
+                      target="≥ 0.75 × off"),
+        record.figure("learner with probes in a prober process", round(rates["process"], 1), "updates/s",
+                      baselines=off, details={"snapshots skipped": skips["process"]},
+                      target="≥ 0.9 × off, no skipped snapshot"),
+        record.figure("HVPs per warm-started probe", [round(min(warm_hvps.values()), 1), round(max(warm_hvps.values()), 1)],
+                      "HVPs"),
+        record.figure("time per warm probe inline", round(warm_seconds["inline"], 2), "s"),
+        record.figure("time per warm probe in the prober", round(warm_seconds["process"], 2), "s"),
+        record.figure("cold start on the last snapshot", round(cold["lobpcg_cold"]["seconds"], 2), "s",
+                      details={"HVPs": cold["lobpcg_cold"]["hvps"], "old protocol HVPs": cold["lanczos_30"]["hvps"],
+                               "old protocol s": round(cold["lanczos_30"]["seconds"], 2)})])
 
 
 if __name__ == "__main__":

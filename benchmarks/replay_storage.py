@@ -28,6 +28,7 @@ from eosrl.agents import replay  # noqa: E402
 from eosrl.agents.config import load_config  # noqa: E402
 from eosrl.envs.factory import make_env  # noqa: E402
 from eosrl.agents.builder import Builder  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 FRAME_BYTES = 84 * 84
 
@@ -37,7 +38,7 @@ def directory_bytes(path: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--transitions", type=int, default=100_000)
     parser.add_argument("--n-step", type=int, default=1)
     args = parser.parse_args()
@@ -70,6 +71,10 @@ def main() -> None:
     print(f"Reverb checkpoint: {size / 2**20:.1f} MiB -> {per_item:,.0f} bytes per transition")
     print(f"ratio to one 84x84 frame ({FRAME_BYTES} bytes): {per_item / FRAME_BYTES:.3f}")
     print(f"ratio to two stacked observations ({8 * FRAME_BYTES} bytes): {per_item / (8 * FRAME_BYTES):.4f}")
+    n_step = "" if args.n_step == 1 else f", n-step {args.n_step}"
+    record.save(args, [record.figure(f"bytes per stored Pong transition{n_step}", round(per_item), "bytes",
+                                     baselines={"one frame": FRAME_BYTES, "two stacked observations": 8 * FRAME_BYTES},
+                                     target="≈ one frame or less")])
 
 
 if __name__ == "__main__":

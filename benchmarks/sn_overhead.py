@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from statistics import median
+from typing import Dict, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 from eosrl.agents.config import AgentConfig, SpectralNormConfig  # noqa: E402
 from eosrl.agents.learner import Learner, Transition  # noqa: E402
 from eosrl.agents.networks import make_network  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 # (env kind, obs shape, obs dtype, updates per timed repeat). A Nature update
 # on 2 CPU cores takes tens of ms, so its repeats are short to keep the run under 2 minutes.
@@ -36,6 +38,7 @@ NETS = {
     "nature": ("atari", (84, 84, 4), np.uint8, 5),
 }
 VARIANTS = ("none", "-2", "all")
+LABELS = {"minatar": "MinAtar", "nature": "Nature"}
 NUM_ACTIONS = 6
 
 
@@ -68,7 +71,7 @@ def seconds_per_update(learner: Learner, batch, count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
-def bench(name: str, conv: str, repeats: int, batch_size: int) -> None:
+def bench(name: str, conv: str, repeats: int, batch_size: int) -> List[Dict]:
     env_kind, shape, dtype, count = NETS[name]
     batch = random_batch(shape, dtype, batch_size)
     learners = {v: make_learner(env_kind, shape, v, conv) for v in VARIANTS}
@@ -85,6 +88,7 @@ def bench(name: str, conv: str, repeats: int, batch_size: int) -> None:
     layers = learners["none"].network.layer_names
     print(f"{name}: obs {shape} {np.dtype(dtype).name}, layers {', '.join(layers)}, batch {batch_size}, "
           f"conv σ {conv}, {repeats} repeats x {count} updates")
+    figures = []
     for v in VARIANTS:
         t = median(times[v])
         spread = (max(times[v]) - min(times[v])) / t
@@ -94,10 +98,14 @@ def bench(name: str, conv: str, repeats: int, batch_size: int) -> None:
         print(f"  SN {v:>4} ({selected:<{len(', '.join(layers))}}): median {1 / t:7.1f} updates/s "
               f"{1e3 * t:7.2f} ms  overhead x{t / base:.3f}  | best {1 / best:7.1f} updates/s  "
               f"overhead x{best / best_base:.3f}  | spread {100 * spread:.0f}%")
+        if v != "none":
+            figures.append(record.figure(f"{LABELS[name]} update with SN({v}), batch {batch_size}", round(t / base, 2),
+                                         "× no SN", details={"best of repeats": round(best / best_base, 2)}))
+    return figures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--nets", default="minatar,nature", help="comma-separated: minatar, nature")
     parser.add_argument("--conv", choices=("reshape", "operator"), default="reshape",
                         help="σ of conv layers (the config's agent.spectral_norm.conv)")
@@ -105,8 +113,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs visible")
-    for name in args.nets.split(","):
-        bench(name.strip(), args.conv, args.repeats, args.batch_size)
+    figures = [f for name in args.nets.split(",") for f in bench(name.strip(), args.conv, args.repeats,
+                                                                   args.batch_size)]
+    record.save(args, figures)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 from statistics import median
+from typing import Dict, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +27,7 @@ from eosrl.agents.builder import Builder  # noqa: E402
 from eosrl.agents.config import load_config  # noqa: E402
 from eosrl.agents.learner import Learner  # noqa: E402
 from eosrl.agents.types import Transition  # noqa: E402
+from benchmarks import record  # noqa: E402
 from benchmarks.sn_overhead import seconds_per_update  # noqa: E402
 
 CONFIG = "configs/eos_dqn_minatar_breakout.yaml"
@@ -38,7 +40,7 @@ OPTIONS = {
 }
 
 
-def bench(kind: str, batch_size: int, repeats: int, count: int) -> None:
+def bench(kind: str, batch_size: int, repeats: int, count: int) -> List[Dict]:
     learners = {}
     for name, sets in OPTIONS.items():
         config = load_config(CONFIG, [f"agent.kind={kind}", f"replay.batch_size={batch_size}", *sets])
@@ -57,22 +59,28 @@ def bench(kind: str, batch_size: int, repeats: int, count: int) -> None:
             times[name].append(seconds_per_update(learner, batch, count))
     plain = median(times["plain"])
     print(f"{kind}: batch {batch_size}, {repeats} repeats x {count} updates")
+    figures = [record.figure(f"{kind.upper()} plain update, batch {batch_size}", round(1e3 * plain, 1), "ms")]
     for name, values in times.items():
         t = median(values)
         spread = (max(values) - min(values)) / t
         print(f"  {name:<29} {1e3 * t:8.2f} ms/update  x{t / plain:.2f} plain  | spread {100 * spread:.0f}%")
+        if name != "plain":
+            figures.append(record.figure(f"{kind.upper()} update with {name}, batch {batch_size}", round(t / plain, 2),
+                                         "× plain", details={"spread %": round(100 * spread)}))
+    return figures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--agents", default="dqn,c51")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--updates", type=int, default=20, help="updates per timed repeat")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs visible")
-    for kind in args.agents.split(","):
-        bench(kind.strip(), args.batch_size, args.repeats, args.updates)
+    figures = [f for kind in args.agents.split(",") for f in bench(kind.strip(), args.batch_size, args.repeats,
+                                                                     args.updates)]
+    record.save(args, figures)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from eosrl.agents.optimizers import make_optimizer  # noqa: E402
 from eosrl.agents.types import Transition  # noqa: E402
 from eosrl.envs.factory import make_env  # noqa: E402
 from eosrl.launch.rundir import read_metrics  # noqa: E402
+from benchmarks import record  # noqa: E402
 
 
 def single_file_dqn(config, total_steps: int, timed_from: int) -> float:
@@ -120,7 +121,7 @@ def eosrl_run(command: str, config_path: str, total_steps: int, timed_from: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = record.add_flag(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--config", default="configs/dqn_minatar_breakout.yaml")
     parser.add_argument("--timed-steps", type=int, default=20_000)
     parser.add_argument("--warmup-updates", type=int, default=2_000)
@@ -138,6 +139,12 @@ def main() -> None:
         print(f"eosrl launch --actors 1: {launch:7.1f} env steps/s  ({launch / single:.2f} × single-file, target ≥ 1.0)",
               flush=True)
     print(f"{args.config}: {args.timed_steps} timed env steps after {timed_from} (min_size + warm-up updates)")
+    single_file = {"single-file": round(single, 1)}
+    record.save(args, [
+        record.figure("eosrl train, learning phase", round(train, 1), "env steps/s", baselines=single_file,
+                      target="≥ 0.8 × single-file"),
+        record.figure("eosrl launch --actors 1, learning phase", round(launch, 1), "env steps/s",
+                      baselines=single_file, target="≥ 1.0 × single-file")])
 
 
 if __name__ == "__main__":

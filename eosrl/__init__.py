@@ -1,4 +1,4 @@
-"""eosrl: DQN and C51 over Reverb, with spectral normalisation and Hessian probes
+"""eosrl: DQN, C51 and QR-DQN over Reverb, with spectral normalisation and Hessian probes
 for studying the edge of stability in RL.
 
 The source tree keeps its folders at the top (`agents/`, `envs/`, `launch/`);

@@ -122,17 +122,15 @@ def cmd_launch(args) -> int:
     if not args.resume:
         save_config(config, run_dir.config)
     route_native_logs(run_dir.path / "native.log")
-    if args.launcher == "ray":
-        from eosrl.launch.ray_launcher import launch_ray
-        summary = launch_ray(config, run_dir.path, config.distributed.num_actors,
-                             resume=bool(args.resume), address=args.ray_address,
-                             learner_gpus=args.learner_gpus, port=args.replay_port)
-    else:
-        from eosrl.launch.local import launch_local
-        with stop_on_signals():
-            summary = launch_local(config, run_dir.path, config.distributed.num_actors,
-                                   resume=bool(args.resume), progress=not args.no_progress,
-                                   port=args.replay_port)
+    common = dict(resume=bool(args.resume), progress=not args.no_progress, port=args.replay_port)
+    with stop_on_signals():
+        if args.launcher == "ray":
+            from eosrl.launch.ray_launcher import launch_ray
+            summary = launch_ray(config, run_dir.path, config.distributed.num_actors, address=args.ray_address,
+                                 learner_gpus=args.learner_gpus, **common)
+        else:
+            from eosrl.launch.local import launch_local
+            summary = launch_local(config, run_dir.path, config.distributed.num_actors, **common)
     print_summary(summary)
     return 0 if summary["status"] == "completed" else 1
 

@@ -53,3 +53,13 @@ def evaluate_checkpoint(config: Config, ckpt: Path, run_path: Optional[Path],
             k: v for k, v in record.items() if k != "learner_step"})
         writer.close()
     return record
+
+
+def random_policy_return(config: Config, ckpt: Path, metrics: MetricsWriter) -> float:
+    """The mean return of uniformly random actions on the final evaluation's episodes
+    (the same env seeds, so the two are paired): the floor a learning curve is read
+    against. Written as a `random_policy` event; `eosrl plot` draws it on the returns."""
+    record = evaluate_checkpoint(config, ckpt, None, epsilon=1.0)
+    metrics.write("event", record["learner_step"], event="random_policy", env_steps=record["env_steps"],
+                  **{k: v for k, v in record.items() if k.startswith("return_") or k == "episodes"})
+    return record["return_mean"]

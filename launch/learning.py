@@ -5,7 +5,9 @@ evaluation, a checkpoint), all counted in learner updates so they fall on the
 same updates after a resume.
 
 Where batches come from, who evaluates and what else a `train` record holds
-stay with the caller, so the learner cannot tell a dataset from actors.
+stay with the caller, so the learner cannot tell a dataset from actors. Offline
+in one process (`run_on_device`) the updates between two moments the host must
+act run as one fused program that draws its batches on the device.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from eosrl.agents import checkpoint, replay
 from eosrl.agents.builder import Builder
-from eosrl.agents.learner import UpdateMetrics
+from eosrl.agents.learner import UpdateMetrics, WindowMetrics
 from eosrl.launch import resume
 from eosrl.launch.channels import SnapshotQueue
 from eosrl.launch.rundir import MetricsWriter, RunDir
@@ -72,8 +74,9 @@ class LearnerLoop:
         self._eval_every = schedule.every(run.eval_every)
         self._checkpoint_every = schedule.every(run.checkpoint_every)
         self.probe_batch: Optional[Batch] = None  # raw items
-        self._window: List[UpdateMetrics] = []
-        self._pending_loss: Optional[Tuple[int, UpdateMetrics]] = None  # (update, its metrics) not yet checked
+        self._window: List[UpdateMetrics | WindowMetrics] = []
+        # (update, its metrics) not yet checked
+        self._pending_loss: Optional[Tuple[int, UpdateMetrics | WindowMetrics]] = None
         self.diverged_at: Optional[int] = None
         self.last_env_steps = 0  # of the last record or checkpoint, should the count become unreadable
         self._tick = (time.time(), self.learner.step)
@@ -93,6 +96,41 @@ class LearnerLoop:
         self._tick = (time.time(), self.learner.step)
         return path, meta
 
+    # --- fused updates on the device (offline, one process) --------------------------
+
+    def run_on_device(self, data: Any, total: int, progress: Callable[[int], None] = lambda step: None) -> str:
+        """Updates until `total` on batches the learner draws from `data` (a device
+        dataset, agents/offline.py), fused between the updates where the host must act
+        (a probe, a `train` record, an evaluation, a checkpoint), each of which then
+        happens as after a single update. A status: `completed` or `diverged` (with the
+        `divergence` event at the exact update whose loss was non-finite)."""
+        learner = self.learner
+        if self._fixed_probe_batch() and self.probe_batch is None:
+            self.probe_batch = self._sample_items(self.config.probe.batch_size)  # as `update` draws it
+        while learner.step < total:
+            start = learner.step
+            window = learner.run(data, self._next_host_step(start, total) - start)
+            self._window.append(window)
+            step = learner.step
+            if not math.isfinite(window["loss"]):  # a run stops after the update that diverged
+                self._pending_loss = (step, window)
+                self._loss_was_finite()
+                return "diverged"
+            if self.prober is not None and self.prober.should_probe(step):
+                self._probe(step)
+            self._records_due(step)
+            progress(step)
+        return "completed"
+
+    def _next_host_step(self, step: int, total: int) -> int:
+        """The first update after `step` at which something is due on the host."""
+        periods = [self._log_every, self._checkpoint_every]
+        if self.prober is not None:
+            periods.append(self.config.probe.every)
+        if self._evaluate is not None and self._eval_every:
+            periods.append(self._eval_every)
+        return min([total] + [(step // p + 1) * p for p in periods if p])
+
     # --- one step -------------------------------------------------------------------
 
     def step(self) -> Optional[str]:
@@ -106,13 +144,17 @@ class LearnerLoop:
         step = self.learner.step
         if self._publish is not None and step % self.config.distributed.publish_every == 0:
             self._publish(*self.learner.acting_params(), step, self._env_steps())
+        self._records_due(step)
+        return None
+
+    def _records_due(self, step: int) -> None:
+        """What falls on update `step`: a `train` record, an evaluation, a checkpoint."""
         if step % self._log_every == 0:
             self.write_train()
         if self._evaluate is not None and self._eval_every and step % self._eval_every == 0:
             self._evaluate(step)
         if step % self._checkpoint_every == 0:
             self.save()
-        return None
 
     def update(self, batch: Batch) -> bool:
         """One update; then a probe when one is due. False once the TD loss has gone
@@ -149,10 +191,12 @@ class LearnerLoop:
         if self.config.probe.batch == "fresh":
             self.probe_batch = self._sample_items(self.config.probe.batch_size)
         from eosrl.agents.probes import draw_sharpness_batches  # loaded with the prober
-        sharpness_batches = draw_sharpness_batches(self.config.probe.batch_sharpness_batches,
+        full = self.prober.is_full(step)  # between full probes (probe.full_every): λ₁ only
+        sharpness_batches = draw_sharpness_batches(self.config.probe.batch_sharpness_batches if full else 0,
                                                    self.config.replay.batch_size, self._sample_items,
                                                    self.learner.preprocess)
-        record = self.prober.probe(snapshot, self.learner.preprocess(self.probe_batch), sharpness_batches)
+        record = self.prober.probe(snapshot, self.learner.preprocess(self.probe_batch), sharpness_batches,
+                                   full=full)
         self.metrics.write("probe", step, env_steps=env_steps,
                            **{k: v for k, v in record.items() if k not in ("kind", "step")})
 
@@ -182,12 +226,15 @@ class LearnerLoop:
         values: Dict[str, Any] = {"env_steps": env_steps, "updates_per_second": rate,
                                   **self._record_values()}
         if self._window:
-            window, self._window = self._window, []  # read after each update: on the host
-            for key in window[0]:
-                values[key] = float(np.mean([m[key] for m in window]))
-            if "lr" in window[0]:  # η_t of a step-size rule: its mean and range over the window
-                values["lr_min"] = float(np.min([m["lr"] for m in window]))
-                values["lr_max"] = float(np.max([m["lr"] for m in window]))
+            window, self._window = self._window, []  # read after each update (or run): on the host
+            counts, sums, mins, maxs = zip(*(part.summary() for part in window))
+            mean = np.sum(np.asarray(sums, np.float64), axis=0) / sum(counts)
+            index = {key: i for i, key in enumerate(window[0])}
+            for key, i in index.items():
+                values[key] = float(mean[i])
+            if "lr" in index:  # η_t of a step-size rule: its mean and range over the window
+                values["lr_min"] = float(np.min(np.asarray(mins)[:, index["lr"]]))
+                values["lr_max"] = float(np.max(np.asarray(maxs)[:, index["lr"]]))
             else:
                 values["lr"] = self.learner.current_lr()
         self.last_env_steps = env_steps

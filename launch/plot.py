@@ -212,6 +212,9 @@ def plot_returns(runs: Dict[str, List[Record]], path: Path) -> Optional[Path]:
         if x:
             ax.plot(x, y, color=color, marker="o", ms=3, label=f"{name} (evaluation mean)")
             anything = True
+        random = [r["return_mean"] for r in records if r.get("kind") == "event" and r.get("event") == "random_policy"]
+        if random and anything:
+            ax.axhline(random[-1], color=color, ls=":", lw=1, label=f"{name} (random policy)")
     if not anything:
         plt.close(fig)
         return None

@@ -103,10 +103,12 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
                         save_probe_batch(rdir.path, batch)
                 # The batch-sharpness batches (probe.batch_sharpness_batches; none by default) are
                 # fresh for every snapshot, of the training batch size, drawn like the probe batch.
+                # Between full probes (probe.full_every) a probe measures λ₁ only, without them.
+                full = prober.is_full(snap.step)
                 sharpness_batches = draw_sharpness_batches(
-                    config.probe.batch_sharpness_batches, config.replay.batch_size,
+                    config.probe.batch_sharpness_batches if full else 0, config.replay.batch_size,
                     lambda n: replay.sample_items(client, n, builder.signature()), learner.preprocess)
-                record = prober.probe(snap, learner.preprocess(batch), sharpness_batches)
+                record = prober.probe(snap, learner.preprocess(batch), sharpness_batches, full=full)
                 metrics.write("probe", snap.step, env_steps=snap.env_steps, batch_digest=batch_digest(batch),
                               snapshot_key=str(key), **{k: v for k, v in record.items() if k not in ("kind", "step")})
                 queue.done(key)

@@ -61,7 +61,9 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(f"Run {summary['status']}: {summary['env_steps']} env steps, "
           f"{summary['learner_updates']} learner updates in {summary['wall_seconds']} s")
     if summary.get("final_eval_return") is not None:
-        print(f"  final evaluation return: {summary['final_eval_return']:.2f}")
+        random = summary.get("random_policy_return")
+        against = f"  (random policy: {random:.2f}, the same episodes)" if random is not None else ""
+        print(f"  final evaluation return: {summary['final_eval_return']:.2f}{against}")
     elif summary.get("last_eval_return") is not None:
         print(f"  last evaluation return (before the run stopped): {summary['last_eval_return']:.2f}")
     print(f"  run directory:  {summary['run_dir']}  (metrics.jsonl, tb/, checkpoints/)")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from eosrl.launch.lifeline import child_environment
 
@@ -27,7 +27,6 @@ class Child:
     def __init__(self, name: str, args: Sequence[str], log: Path, cwd: Optional[Path] = None):
         self.name, self.args, self.log = name, list(args), Path(log)
         self.cwd = cwd
-        self.restarts = 0
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -79,8 +78,9 @@ def stop(children: Sequence[Child], deadline_s: float) -> None:
             child.wait(2.0)
 
 
-def write_pids(path: Path, children: Sequence[Child]) -> None:
-    """Which process is which child (for operators and tests), replaced atomically."""
+def write_pids(path: Path, children: Sequence[Any]) -> None:
+    """Which process is which child (for operators and tests), replaced atomically;
+    `children`: anything with a `name` and a `pid` (a Child, a Ray role)."""
     pids: Dict[str, int] = {"launcher": os.getpid()}
     pids.update({c.name: c.pid for c in children if c.pid is not None})
     tmp = path.with_suffix(".tmp")

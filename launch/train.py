@@ -4,25 +4,28 @@ server (model: Acme's `run_experiment` with its learning actor).
 The actor steps its env and writes to replay; after each env step the learner
 loop (launch/learning.py, the same loop as the distributed learner role) makes
 the updates the run's `Schedule` says are due, and evaluates in-process where
-the distributed run has an evaluator role. Offline, there is no actor and the
-loop runs `run.total_updates`. Everything is built by agents/builder.py.
+the distributed run has an evaluator role. Offline, there is no actor and no
+Reverb: the dataset is loaded once onto the device (agents/offline.py) and the
+loop runs `run.total_updates` as fused updates that draw their own batches.
+Everything is built by agents/builder.py.
 """
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import reverb
 
-from eosrl.agents import replay
+from eosrl.agents import offline, replay
 from eosrl.agents.actor import Actor
 from eosrl.agents.builder import Builder
 from eosrl.agents.config import Config, save_config
 from eosrl.launch import resume as resume_lib
 from eosrl.launch.learning import LearnerLoop, all_finite
 from eosrl.launch.lifeline import stop_on_signals
+from eosrl.launch.progress import progress_bar
 from eosrl.launch.rundir import MetricsWriter, RunDir
 from eosrl.launch.summary import finish_run
 
@@ -42,6 +45,9 @@ class _InProcessReplay:
         self.initial_size = replay.table_size(self.client)
         self._batch_size = builder.config.replay.batch_size
         self._stream: Optional[replay.BatchStream] = None
+
+    def size(self) -> int:
+        return replay.table_size(self.client)
 
     def ready(self, min_size: int) -> bool:
         return self._stream is not None or self.initial_size + self.adder.items_written >= min_size
@@ -64,6 +70,21 @@ class _InProcessReplay:
         self.server.stop()
 
 
+class _DeviceData:
+    """The offline regime's dataset, loaded once onto the device (agents/offline.py); the
+    learner draws its batches from it with its own key, so there is no replay server."""
+    snapshots = False  # the dataset is reloaded on resume, as offline replay is
+
+    def __init__(self, builder: Builder):
+        self.data, self.loaded = offline.load(builder)
+
+    def size(self) -> int:
+        return self.data.size
+
+    def close(self) -> None:
+        pass
+
+
 def train(config: Config, run_path: str | Path, resume: bool = False,
           progress: bool = True) -> Dict[str, Any]:
     """Runs (or resumes) a single-process run in any regime; returns the summary."""
@@ -71,11 +92,14 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
     if config.probe.enabled and config.probe.mode == "process":
         print("eosrl train probes inline, between updates (probe.mode: process is for eosrl launch)",
               file=sys.stderr)
+    builder = Builder(config)
+    on_device = builder.schedule().offline
+    if on_device:
+        offline.check_fits(builder)  # before anything starts
     run_dir = RunDir(run_path).create()
     if not resume:
         save_config(config, run_dir.config)
-    builder = Builder(config)
-    data = _InProcessReplay(builder, run_dir)
+    data = _DeviceData(builder) if on_device else _InProcessReplay(builder, run_dir)
     metrics = MetricsWriter(run_dir)
     run = _Run(builder, run_dir, metrics, data, resume)
     try:
@@ -108,8 +132,8 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
 class _Run:
     """The parts of one in-process run and its two loops (online, offline)."""
 
-    def __init__(self, builder: Builder, run_dir: RunDir, metrics: MetricsWriter, data: _InProcessReplay,
-                 resume: bool):
+    def __init__(self, builder: Builder, run_dir: RunDir, metrics: MetricsWriter,
+                 data: _InProcessReplay | _DeviceData, resume: bool):
         config = builder.config
         self.builder, self.config, self.metrics, self.data = builder, config, metrics, data
         self.env_steps, self.episodes = 0, 0
@@ -120,12 +144,18 @@ class _Run:
             self.recorder = DatasetWriter.for_env(config.replay.record_to, config.env, resume=resume,
                                                   agent={"kind": config.agent.kind, "run": str(run_dir.path)})
         self.actor: Optional[Actor] = None
-        if not self.schedule.offline:
+        if isinstance(data, _DeviceData):
+            batches: Iterator[Any] = iter(())  # the learner draws its own
+            sample_items: Callable[[int], Any] = offline.probe_sampler(data.data, config.run.seed,
+                                                                        lambda: self.loop.learner.step)
+        else:
+            batches = data.batches()
+            sample_items = lambda n: replay.sample_items(data.client, n, builder.signature())  # noqa: E731
             self.actor = builder.make_actor(data.adder, config.run.seed, recorder=self.recorder)
         self.evaluator = builder.make_evaluator()
-        self.loop = LearnerLoop(builder, run_dir, metrics, data.batches(), env_steps=lambda: self.env_steps,
-                                sample_items=lambda n: replay.sample_items(data.client, n, builder.signature()),
-                                snapshot=data.snapshot if data.snapshots else None,
+        snapshot = data.snapshot if isinstance(data, _InProcessReplay) and data.snapshots else None
+        self.loop: LearnerLoop = LearnerLoop(builder, run_dir, metrics, batches, env_steps=lambda: self.env_steps,
+                                sample_items=sample_items, snapshot=snapshot,
                                 evaluate=self.evaluate, record_values=self._record_values,
                                 checkpoint_meta=lambda: {"episodes": self.episodes})
         self._tick = (time.time(), 0)
@@ -142,8 +172,11 @@ class _Run:
             if self.actor is not None:
                 self.actor.steps = self.env_steps
             self.metrics.write("event", learner.step, env_steps=self.env_steps, event="resumed",
-                               checkpoint=str(path), replay_size=replay.table_size(self.data.client))
-        if self.config.regime.mode != "online" and replay.table_size(self.data.client) == 0:
+                               checkpoint=str(path), replay_size=self.data.size())
+        if isinstance(self.data, _DeviceData):
+            self.metrics.write("event", learner.step, env_steps=self.env_steps, event="dataset_loaded",
+                               **self.data.loaded)
+        elif self.config.regime.mode != "online" and self.data.size() == 0:
             loaded = self.builder.load_dataset(self.data.adder)
             self.data.adder.flush()
             self.metrics.write("event", learner.step, env_steps=self.env_steps, event="dataset_loaded", **loaded)
@@ -155,7 +188,7 @@ class _Run:
     def online_loop(self, progress: bool) -> str:
         """Env steps until `run.total_env_steps`; after each, the updates now due."""
         learner, total, actor = self.loop.learner, self.config.run.total_env_steps, self.actor
-        assert actor is not None
+        assert actor is not None and isinstance(self.data, _InProcessReplay)
         # Updates are due from where this run (re)started; an empty table warms up again.
         base = (learner.step, self.env_steps,
                 0 if self.data.ready(self.config.replay.min_size) else self.schedule.warmup)
@@ -172,24 +205,21 @@ class _Run:
                         return status
                     actor.update_params(*learner.acting_params())
                 if bar is not None and self.env_steps % 100 == 0:
-                    bar.update(self.env_steps - bar.n)
                     bar.set_postfix(upd=learner.step, ret=self._recent_return(), refresh=False)
+                    bar.update(self.env_steps - bar.n)  # after the postfix: a line shows the newest
         finally:
             if bar is not None:
                 bar.close()
         return "completed"
 
     def offline_loop(self, progress: bool) -> str:
-        """Updates until `run.total_updates`, with no actor."""
+        """Updates until `run.total_updates`, with no actor: fused, on the device."""
+        assert isinstance(self.data, _DeviceData)
         learner, total = self.loop.learner, self.schedule.update_budget()
         bar = _progress(progress, total, learner.step, "update")
         try:
-            while learner.step < total:
-                status = self.loop.step()
-                if status is not None:
-                    return status
-                if bar is not None and learner.step % 100 == 0:
-                    bar.update(learner.step - bar.n)
+            return self.loop.run_on_device(self.data.data, total,
+                                           lambda step: bar.update(step - bar.n) if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
@@ -230,7 +260,5 @@ class _Run:
 
 
 def _progress(enabled: bool, total: int, initial: int, unit: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True)
+    """The progress display (a bar on a terminal, lines in a file), or None with --no-progress."""
+    return progress_bar(total, initial, unit) if enabled else None

@@ -2,6 +2,7 @@
 
 These tests start real processes and really kill them (SIGKILL, Ctrl-C)."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -33,8 +34,10 @@ def _start_launch(run_dir, *extra, sigint_ignored=False):
             signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.xdist_group("learning")  # CPU-bound: never beside another learning run (Makefile, test)
 def test_launch_learns_cartpole(tmp_path):
-    """replay + 2 actors + learner + evaluator; the evaluation return reaches 400.
+    """replay + 2 actors + learner + evaluator; the evaluation return reaches 400; with
+    its output captured (not a terminal), progress comes as a few plain lines.
 
     C51, because DQN's CartPole evaluations swing (tests/test_learning.py): one distributed
     DQN run measured here reached 446 at best, with 3 of 12 evaluations ≥ 400, where C51
@@ -42,11 +45,16 @@ def test_launch_learns_cartpole(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         eosrl("launch", str(CONFIGS / "c51_cartpole.yaml"), "--actors", "2", "--run-dir", str(run_dir),
-               "--no-progress", "--set", "run.eval_every=2500", "--set", "run.eval_episodes=5",
+               "--set", "run.eval_every=2500", "--set", "run.eval_episodes=5",
                "--set", "run.total_env_steps=20000"),
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Run completed" in result.stdout
+    assert "\r" not in result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("progress: ")]
+    # The last line counts every env step written (up to n_step - 1 of a cut episode are not).
+    assert progress and re.match(r"progress: (199\d\d|20000)/20000 steps \(100%\)", progress[-1]), result.stderr[-2000:]
+    assert len(result.stderr.splitlines()) < 50, result.stderr[-2000:]
     evals = list(read_metrics(run_dir / "metrics.jsonl", "eval"))
     assert evals and max(r["return_mean"] for r in evals) >= 400
     actors = {r["actor"] for r in read_metrics(run_dir / "metrics.jsonl", "actor")}
@@ -141,18 +149,43 @@ def _template():
     return {"learner": learner.state, "extra": {}}
 
 
-def test_ray_launcher_runs_a_short_job(tmp_path):
-    pytest.importorskip("ray", reason="Ray is the optional [ray] extra; `make test` installs it")
+def _assert_final_evaluation(run_dir):
+    """Both launchers end a completed run alike: the final checkpoint evaluated as
+    `eosrl evaluate` does, then a random policy on the same episodes."""
+    final = list(read_metrics(run_dir / "metrics.jsonl", "eval"))[-1]
+    assert final["source"] == "eosrl evaluate"
+    random = events(run_dir, "random_policy")
+    assert random and random[-1]["episodes"] == final["episodes"]
+    finished = events(run_dir, "finished")[-1]
+    assert finished["final_eval_return"] == final["return_mean"]
+    assert finished["random_policy_return"] == random[-1]["return_mean"]
+
+
+def test_ray_launcher_runs_a_short_job_and_restarts_a_killed_actor(tmp_path):
+    """No skip where Ray is missing: `make test` installs the [ray] extra, and the
+    launcher then fails with the line saying how to install it."""
     run_dir = tmp_path / "ray"
-    result = subprocess.run(
+    launcher = subprocess.Popen(
         eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--launcher", "ray", "--actors", "1",
                "--run-dir", str(run_dir), "--no-progress", "--set", "run.total_env_steps=1500",
                "--set", "replay.min_size=500", "--set", "run.eval_every=500", "--set", "run.eval_episodes=2",
                "--set", "run.log_every=250", "--set", "probe.enabled=true", "--set", "probe.mode=process",
                "--set", "probe.every=250", "--set", "probe.batch_size=128", "--set", "probe.num_eigs=3",
                "--set", "probe.max_queued=8"),
-        cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-2000:]
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The actor is killed as soon as it runs; the one started in its place does its share.
+        wait_for(lambda: "actor_0" in pids(run_dir) or launcher.poll() is not None, 180, "the Ray actor")
+        assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+        os.kill(pids(run_dir)["actor_0"], signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=400)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+    assert launcher.returncode == 0, stderr[-2000:]
+    restarted = events(run_dir, "actor_restarted")
+    assert [(e["actor"], e["restart"]) for e in restarted] == [(0, 1)]
     train = list(read_metrics(run_dir / "metrics.jsonl", "train"))
     assert train and train[-1]["step"] == 1000
     # The prober ran as a Ray actor and probed every snapshot before the run ended.
@@ -160,6 +193,7 @@ def test_ray_launcher_runs_a_short_job(tmp_path):
     assert list(read_metrics(run_dir / "metrics.jsonl", "actor"))
     assert has_checkpoint(run_dir)
     assert any((run_dir / "replay").iterdir())  # the final table checkpoint, asked for at shutdown
+    _assert_final_evaluation(run_dir)
 
 
 def test_launch_offline_and_offline_to_online(tmp_path):
@@ -187,6 +221,7 @@ def test_launch_offline_and_offline_to_online(tmp_path):
     assert finished["status"] == "completed" and finished["step"] == 300 and finished["env_steps"] == 0
     assert not list(read_metrics(offline / "metrics.jsonl", "actor")) and not (offline / "logs" / "actor_0.log").exists()
     assert list(read_metrics(offline / "metrics.jsonl", "eval"))  # the policy is still measured
+    _assert_final_evaluation(offline)
 
     mixed = tmp_path / "o2o"
     result = subprocess.run(eosrl("launch", str(CONFIGS / "dqn_cartpole.yaml"), "--actors", "1",

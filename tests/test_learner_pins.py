@@ -6,6 +6,11 @@ relative (1e-6 absolute): a change to the arithmetic of an update moves them far
 CPU code, which differs between processors (AVX-512 or not), moves them by ulps.
 Bit-identical digests failed on an AMD EPYC with the SN case pinned on another
 CPU, with the code unchanged. Re-pin only on purpose.
+
+Re-pinned (the DQN case only) for issue 23: DQN's Huber loss became the `jnp.where` form
+(agents/dqn.py), whose gradient inside δ is the TD error itself, where rlax.huber_loss
+rounded it to multiples of ulp(δ) = 7.6e-6 at this config's δ = 100; that moved the
+pinned moments by up to 3.7e-5 relative (the momentum trace of the head's bias).
 """
 import json
 
@@ -64,7 +69,7 @@ def pins(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_learner_updates_are_bit_identical_to_the_pins(name):
+def test_learner_updates_match_the_pinned_moments(name):
     expected = json.loads(PINS.read_text())[name]
     got = pins(name)
     assert got["step"] == expected["step"]

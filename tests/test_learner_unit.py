@@ -24,7 +24,6 @@ AGENT = AgentConfig(kind="dqn", network="mlp", hidden_sizes=[3],
                     # The batch already holds n-step returns and γ^m: agent.discount must not
                     # enter the loss, so it is set to a value the batch does not use.
                     # δ = 10 is above every |TD error| of BATCH (< 5): the squared-loss regime.
-                    # A much larger δ loses gradient precision (test_huber_gradient_... below).
                     discount=0.5, n_step=3, double_q=False, huber_delta=10.0,
                     target_update_period=2)
 DOUBLE_AGENT = dataclasses.replace(AGENT, double_q=True)
@@ -153,19 +152,16 @@ def test_double_q_bootstraps_from_the_target_at_the_online_argmax(network):
     np.testing.assert_allclose(plain, wrong[0], rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "losses.dqn_loss uses rlax.huber_loss = 0.5·min(|x|,δ)² + δ·(|x| − min(|x|,δ)); its "
-    "reverse pass forms (min(|x|,δ) − δ) + δ in float32, so a large δ rounds the gradient to "
-    "multiples of ulp(δ): at δ = 1e6 a TD error of 1e-3 gets gradient 0 (ulp(1e6) = 0.0625), "
-    "and at δ = 100 (configs/dqn_cartpole.yaml) the error is up to ~4e-6 per example"))
 def test_huber_gradient_inside_the_quadratic_region_is_the_td_error_for_a_large_delta():
-    """Breaks (documents a bug) while the Huber loss loses gradient precision for a large δ."""
-    from eosrl.agents import losses
+    """Breaks if the Huber loss loses gradient precision for a large δ, as rlax.huber_loss
+    = 0.5·min(|x|,δ)² + δ·(|x| − min(|x|,δ)) does: its reverse pass forms (min(|x|,δ) − δ) + δ
+    in float32, so at δ = 1e6 a TD error of 1e-3 got gradient 0 (ulp(1e6) = 0.0625)."""
+    from eosrl.agents import dqn
     td = 1e-3
 
     def loss(q):
-        return losses.dqn_loss(q, jnp.array([0]), jnp.array([td], jnp.float32), jnp.array([0.0]),
-                               jnp.zeros((1, 2)), None, 1e6)
+        return dqn.td_loss(q, jnp.array([0]), jnp.array([td], jnp.float32), jnp.array([0.0]),
+                           jnp.zeros((1, 2)), jnp.zeros((1, 2)), 1e6)
     grad = jax.grad(loss)(jnp.zeros((1, 2)))
     np.testing.assert_allclose(grad[0, 0], -td, rtol=1e-4)
 

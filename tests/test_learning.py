@@ -31,13 +31,15 @@ DQN_RUN = ["run.seed=1", "run.total_env_steps=45000", "run.eval_every=1500"]
 DQN_RETRY_SEED = 2
 
 
+@pytest.mark.xdist_group("learning")  # CPU-bound: never beside another learning run (Makefile, test)
 @pytest.mark.parametrize("name,overrides", [
     ("dqn_cartpole", DQN_RUN),
     ("c51_cartpole", []),
+    ("qrdqn_cartpole", []),
     # Spectral normalisation of the penultimate layer (Gogianu et al., 2021) still learns, in
     # `clip` mode (W/max(1, σ)); `divide` learns CartPole only sometimes (benchmarks/README.md).
     ("dqn_cartpole", [*DQN_RUN, "agent.spectral_norm.layers=-2", "agent.spectral_norm.mode=clip"]),
-], ids=["dqn", "c51", "dqn_sn-2"])
+], ids=["dqn", "c51", "qrdqn", "dqn_sn-2"])
 def test_cartpole_learns_to_400(tmp_path, name, overrides):
     config = load_config(CONFIGS / f"{name}.yaml", ["replay.checkpoint=false", *overrides])
     summary = train(config, tmp_path / name, progress=False)

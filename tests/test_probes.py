@@ -28,7 +28,7 @@ OBS_SHAPE = (4,)
 NUM_ACTIONS = 3
 BATCH = 64
 REL_TOL = 1e-3          # acceptance criterion for eigenvalues
-ITERATIONS = 60         # most solver iterations: well below dim (139 DQN, 409 C51)
+ITERATIONS = 60         # most solver iterations: well below dim (139 DQN, 409 C51 and QR-DQN)
 TOLERANCE = 1e-4        # residual tolerance of the solver, relative to λ₁
 HUTCHINSON_SAMPLES = 4000
 
@@ -46,7 +46,7 @@ def make_batch(seed: int) -> Transition:
 def make_learner(kind: str, optimizer: OptimizerConfig, updates: int, batch: Transition) -> Learner:
     """A small learner after `updates` real updates on `batch` (so moments are non-zero
     and the target network differs from the online one)."""
-    agent = AgentConfig(kind=kind, hidden_sizes=[8, 8], num_atoms=11, v_min=-5.0, v_max=5.0,
+    agent = AgentConfig(kind=kind, hidden_sizes=[8, 8], num_atoms=11, v_min=-5.0, v_max=5.0, num_quantiles=11,
                         optimizer=optimizer, target_update_period=7)
     network = networks.make_network(agent, "gym", OBS_SHAPE, NUM_ACTIONS)
     learner = Learner(network, agent, seed=0)
@@ -83,7 +83,7 @@ def assert_rel_close(actual, expected, rel=REL_TOL):
 
 
 # ----------------------------------------------------------------------------
-# Unpreconditioned probes (SGD), DQN and C51: one probe each, shared by tests.
+# Unpreconditioned probes (SGD), DQN, C51 and QR-DQN: one probe each, shared by tests.
 
 
 class Case:
@@ -106,7 +106,7 @@ def get_case(kind: str) -> Case:
     return Case(kind)
 
 
-@pytest.fixture(params=["dqn", "c51"])
+@pytest.fixture(params=["dqn", "c51", "qrdqn"])
 def case(request):
     return get_case(request.param)
 
@@ -152,7 +152,7 @@ def test_geometric_complexity_matches_dense_jacobian(case):
 
     def q_single(x):
         out, _ = learner.network.apply(params, net_state, x[None], False)
-        return networks.q_values(learner.network, out)[0]
+        return learner.network.agent_kind.q_values(out)[0]
 
     jac = jax.vmap(jax.jacrev(q_single))(jnp.asarray(batch.obs))   # [B, A, 4]
     expected = float(jnp.sum(jac ** 2)) / BATCH

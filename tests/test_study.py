@@ -175,6 +175,19 @@ def test_plan_refuses_bad_keys_and_references(tmp_path):
         plan(tmp_path, {"name": "x", "base": CARTPOLE, "stages": [{"name": "a", "grids": {}}]})
 
 
+def test_study_file_empty_or_with_a_duplicate_key_is_refused(tmp_path):
+    """The study file is read like a config: blank, or a key given twice (YAML keeps the last), stops it."""
+    path = tmp_path / "study.yaml"
+    path.write_text("# to do\n")
+    with pytest.raises(st.StudyError, match="the study file is empty"):
+        st.load_study(path)
+    path.write_text(f"name: x\nbase: {CARTPOLE}\nstages:\n  - name: a\n    runs:\n"
+                    f"      - {{name: r, set: {{run.seed: 1, run.seed: 2}}}}\n")
+    key = re.escape("stages[0].runs[0].set.run.seed")
+    with pytest.raises(st.StudyError, match=rf"duplicate key '{key}' on lines 6 and 6"):
+        st.load_study(path)
+
+
 SEEDED = {
     "name": "seeded", "base": CARTPOLE, "seeds": 2,
     "stages": [
@@ -616,6 +629,7 @@ def test_report_aggregates_the_raw_hessian_sharpness_of_adaptive_optimisers(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("learning")  # CPU-bound: never beside another learning run (Makefile, test)
 def test_small_lr_sweep_study_end_to_end(tmp_path):
     path = CONFIGS / "studies" / "eos_lr_sweep_minatar_small.yaml"
     out = tmp_path / "study"

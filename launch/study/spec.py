@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from eosrl.agents.config import Config, ConfigError, load_config
+from eosrl.agents.config import Config, ConfigError, load_config, read_yaml
 from eosrl.launch.rundir import RunDir, number, read_metrics, without_superseded
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,10 +246,7 @@ def load_study(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "study", StudyError)  # refuses an empty file and duplicate keys
     _check_keys(data, ("name", "base", "set", "seeds", "stages"), str(path))
     for key in ("name", "base", "stages"):
         if key not in data:
