@@ -34,8 +34,11 @@ DQN_RETRY_SEED = 2
 @pytest.mark.xdist_group("learning")  # CPU-bound: never beside another learning run (Makefile, test)
 @pytest.mark.parametrize("name,overrides", [
     ("dqn_cartpole", DQN_RUN),
-    ("c51_cartpole", []),
-    ("qrdqn_cartpole", []),
+    # The distributional agents reached 400 by 3.5-8k env steps in most runs measured (C51 held
+    # 500 from 7.5k; QR-DQN's seed-0 runs by 6k): 20k of the presets' 30k keeps the suite short
+    # and still fails a learner that does not learn (C51 with its loss's sign flipped: 9.8 at best).
+    ("c51_cartpole", ["run.total_env_steps=20000"]),
+    ("qrdqn_cartpole", ["run.total_env_steps=20000"]),
     # Spectral normalisation of the penultimate layer (Gogianu et al., 2021) still learns, in
     # `clip` mode (W/max(1, σ)); `divide` learns CartPole only sometimes (benchmarks/README.md).
     ("dqn_cartpole", [*DQN_RUN, "agent.spectral_norm.layers=-2", "agent.spectral_norm.mode=clip"]),
