@@ -93,7 +93,7 @@ def actor_shares(total_env_steps: int, done: int, num_actors: int) -> List[Tuple
 
 
 class Builder:
-    """Every part of a DQN or C51 run, built from one config."""
+    """Every part of a run (any agent kind), built from one config."""
 
     def __init__(self, config: Config):
         self.config = config

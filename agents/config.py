@@ -252,7 +252,7 @@ class DistributedConfig:
     publish_every: int = 100
     """Learner updates between writes of the parameters to the `params` table."""
     max_actor_restarts: int = 3
-    """Restarts the local launcher grants each actor that dies before giving up on it."""
+    """Restarts either launcher (local or Ray) grants each actor, and the prober, that dies before giving up on it."""
     error_buffer: float = 0.0
     """Slack of the SampleToInsertRatio limiter in samples (0: ten updates' worth, at least 100)."""
 

@@ -1,4 +1,4 @@
-"""The learner: a jitted TD update of DQN or C51 with a periodically copied
+"""The learner: a jitted TD update of any agent kind (agents/kinds.py) with a periodically copied
 target network. It takes batches of `Transition`s and does not know whether
 they came from actors or from a recorded dataset.
 
