@@ -9,17 +9,25 @@ distributed learner count updates the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import reverb
 
-from eosrl.agents import checkpoint, networks, replay
+from eosrl.agents import checkpoint, layout, networks
 from eosrl.agents.actor import Actor, Evaluator, VectorActor, linear_epsilon
-from eosrl.agents.config import Config, parse_subset
+from eosrl.agents.config import parse_subset
 from eosrl.agents.learner import Learner
 from eosrl.agents.types import Adder
 from eosrl.envs.factory import env_spec, make_env
+
+if TYPE_CHECKING:  # Reverb only where a table or an adder is made: the offline device path runs without it
+    import reverb
+
+    from eosrl.agents import replay
+
+# The whole experiment's config, `eosrl.launch.config.Config`: the layer above this one, so
+# named here and not imported (agents/ never imports launch/; tests/test_structure.py).
+ExperimentConfig = Any
 
 # Seed offsets: every env of a run has its own stream, all derived from run.seed.
 EVALUATOR_SEED_OFFSET = 10_000
@@ -44,7 +52,7 @@ class Schedule:
     `run.total_updates`. Periods of logs, evaluations and checkpoints count env
     steps online and updates offline; `clock_unit` converts them into updates."""
 
-    def __init__(self, config: Config, preloaded: int):
+    def __init__(self, config: ExperimentConfig, preloaded: int):
         self.config, self.preloaded = config, preloaded
         self.offline = config.regime.mode == "offline"
         self.period = config.replay.update_period
@@ -95,7 +103,7 @@ def actor_shares(total_env_steps: int, done: int, num_actors: int) -> List[Tuple
 class Builder:
     """Every part of a run (any agent kind), built from one config."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: ExperimentConfig):
         self.config = config
         self.spec = env_spec(config.env)
         self.network = networks.make_network(config.agent, config.env.kind,
@@ -105,8 +113,8 @@ class Builder:
     # --- replay -------------------------------------------------------------------
 
     @property
-    def layout(self) -> replay.ItemLayout:
-        return replay.ItemLayout(tuple(self.spec.frame_shape), self.spec.obs_dtype, self.spec.frame_stack,
+    def layout(self) -> layout.ItemLayout:
+        return layout.ItemLayout(tuple(self.spec.frame_shape), self.spec.obs_dtype, self.spec.frame_stack,
                                  self.config.agent.n_step)
 
     def signature(self):
@@ -114,8 +122,8 @@ class Builder:
 
     def batch_template(self, batch_size: int) -> Dict[str, np.ndarray]:
         """Zeros shaped like a batch of replay items (restoring a checkpointed batch needs it)."""
-        return {key: np.zeros((batch_size,) + tuple(spec.shape), spec.dtype.as_numpy_dtype)
-                for key, spec in self.signature().items()}
+        return {key: np.zeros((batch_size,) + tuple(shape), dtype)
+                for key, (shape, dtype) in self.layout.item_specs().items()}
 
     def preloaded_transitions(self) -> int:
         """Transitions the regime's dataset puts into replay before learning starts (0 online)."""
@@ -144,6 +152,7 @@ class Builder:
         dataset and min_size, then keeps samples_per_insert against new transitions (not
         offline, where no new ones come). In one process the loop itself keeps the ratio
         (`Schedule.updates_due`), so the table only waits for min_size."""
+        from eosrl.agents import replay
         preloaded = self.preloaded_transitions()
         d = self.config.distributed
         limited = rate_limited and self.config.regime.mode != "offline"
@@ -154,11 +163,13 @@ class Builder:
             error_buffer=d.error_buffer or None)
 
     def make_adder(self, client: reverb.Client) -> replay.TransitionAdder:
+        from eosrl.agents import replay
         return replay.TransitionAdder(client, self.config.agent.n_step, self.config.agent.discount,
                                       self.spec.frame_stack)
 
     def make_env_adders(self, client: reverb.Client, envs: int) -> List[replay.TransitionAdder]:
         """One adder per env of a distributed actor, sharing one Reverb writer."""
+        from eosrl.agents import replay
         return replay.TransitionAdder.for_envs(client, envs, self.config.agent.n_step,
                                                self.config.agent.discount, self.spec.frame_stack)
 

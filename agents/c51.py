@@ -41,6 +41,9 @@ class C51(NamedTuple):
     def loss(self, out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector) -> jnp.ndarray:
         return td_loss(out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector, self.atoms)
 
+    def loss_diagnostics(self, out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector):
+        return {}  # a cross-entropy has no linear region
+
 
 def make(agent: AgentConfig) -> C51:
     return C51(jnp.linspace(agent.v_min, agent.v_max, agent.num_atoms))

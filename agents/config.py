@@ -1,23 +1,18 @@
-"""Every config field of an eosrl experiment, typed and documented in one place.
+"""What an agent is: the config sections of the agent (`agent:` with its optimiser and
+spectral normalisation), its replay (`replay:`) and its probes (`probe:`), every field
+typed and documented, and their checks (`validate_agent`).
 
-A YAML file in `configs/` loads into `Config`; `--set section.key=value`
-overrides any field. Unknown keys, wrong types and impossible values raise
-`ConfigError` with one line that names the key, before any process starts.
+What a run is (`run:`, `distributed:`, `regime:`, the whole `Config`) and reading a
+YAML file into it are launch/config.py's; its `validate`, which every loader calls,
+runs these checks with its own. Plain Python: reading a config imports no JAX.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, List, Literal, Optional
-
-import yaml
+from typing import List, Literal
 
 from eosrl.agents import kinds
-from eosrl.envs.config import EnvConfig
 
 
 class ConfigError(ValueError):
@@ -29,8 +24,9 @@ class OptimizerConfig:
     name: Literal["sgd", "rmsprop", "adam"] = "adam"
     """`sgd` (optionally heavy-ball or Nesterov momentum), `rmsprop` or `adam`."""
     lr: float = 1e-3
-    """Learning rate (the initial value when `lr_schedule` is not constant); with a
-    `step_size_rule`, the cap on the rule's η_t."""
+    """Learning rate (the initial value when `lr_schedule` is not constant); with
+    `step_size_rule: corridor`, the cap on the rule's η_t. `drift_adjusted` does not use it
+    (its cap is `dal_max_lr`) unless `dal_power` is 0, as the authors' `static_lr`."""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """`constant` or `linear` (from `lr` to `lr_end` over `lr_decay_updates` updates)."""
     lr_end: float = 0.0
@@ -55,13 +51,19 @@ class OptimizerConfig:
     """Clip gradients to this global norm before the optimiser; 0 disables clipping."""
     step_size_rule: Literal["constant", "drift_adjusted", "corridor"] = "constant"
     """How the step size η_t of each update is chosen (agents/step_sizes.py; `sgd` only):
-    `constant` (`lr` and its schedule); `drift_adjusted` (DAL of Rosca et al., 2023:
-    η_t = min(2 / (‖Hg‖/‖g‖)^p, lr), one Hessian-vector product per update); `corridor`
-    (Dherin & Rosca, 2024, a Polyak step: η_t = min(c·L/‖g‖², lr)). Probes compare λ₁
-    with the threshold of the last η_t."""
+    `constant` (`lr` and its schedule); `drift_adjusted` (DAL of Rosca et al., 2023, as their
+    released code has it: η_t = min(2 / (‖Hg‖/‖g‖)^p, `dal_max_lr`), which may be longer than
+    `lr`; one Hessian-vector product per update); `corridor` (Dherin & Rosca, 2024, a Polyak
+    step: η_t = min(c·L/‖g‖², lr)). Probes compare λ₁ with the threshold of the last η_t
+    (agents/thresholds.py says why the last)."""
     dal_power: float = 1.0
     """p of `drift_adjusted`: larger p shrinks steps more where the drift ‖Hg‖/‖g‖ > 1
-    (the paper's trade-off between stability and progress; p = 0 gives η_t = min(2, lr))."""
+    (the paper's trade-off between stability and progress). p = 0 is plain SGD at `lr`,
+    as in the authors' code (their `scaling_power` 0 leaves the gradient unscaled)."""
+    dal_max_lr: float = 5.0
+    """The cap on `drift_adjusted`'s η_t, an absolute step size (not a multiple of `lr`): the
+    authors' `max_lr_scale`, default 5, which their code divides by `static_lr` before clipping
+    the multiplier of `static_lr` (dal.py lines 61, 97, 108), so their step is at most 5."""
     corridor_scale: float = 1.0
     """c of `corridor` (c = 1 is Polyak's step with the loss's lower bound 0)."""
 
@@ -81,7 +83,8 @@ class SpectralNormConfig:
     scale_lr: bool = False
     """Step-size ablation of the paper: divide each selected layer's learning rate (its
     optimiser update) by max(1, σ); use with mode `log`, so the function is unchanged
-    and only the step size differs."""
+    and only the step size differs. Refused with mode `divide`, whose W/σ already divides
+    the layer's gradient, and so its step, by σ."""
 
 
 @dataclass
@@ -157,36 +160,6 @@ class ReplayConfig:
 
 
 @dataclass
-class RunConfig:
-    total_env_steps: int = 50_000
-    """Env steps collected by the behaviour policy over the whole run: > 0 in the `online`
-    and `offline_to_online` regimes, unused (any value >= 0) in `offline`."""
-    total_updates: int = 0
-    """Learner updates of an `offline` regime (> 0 there; unused otherwise). In offline runs
-    eval_every, checkpoint_every and log_every count learner updates, since no env steps are taken."""
-    seed: int = 0
-    """Seed of the envs, network initialisation, ε-greedy exploration, evaluation episodes, the
-    dataset subset and corruption, and, in `eosrl train` offline, of every batch (drawn on the
-    device with the learner's key): two such runs with one seed are bit-identical. Not of Reverb
-    replay sampling (online, offline-to-online, `eosrl launch`): its selectors draw from an
-    unseeded generator in C++, so two runs with one seed match until the first sampled batch
-    and differ after it (README, Reproducibility)."""
-    eval_every: int = 10_000
-    """Env steps between evaluations (0 disables periodic evaluation; a completed run always
-    gets a final one). Like `checkpoint_every` and `log_every`, it is counted in learner updates,
-    one per `replay.update_period` env steps, so it falls on the same updates in one process,
-    distributed, and after a resume."""
-    eval_episodes: int = 10
-    """Episodes per evaluation."""
-    checkpoint_every: int = 10_000
-    """Env steps between checkpoints (a final one is always written); in updates, as eval_every."""
-    keep_checkpoints: int = 3
-    """Most recent checkpoints kept on disk."""
-    log_every: int = 1_000
-    """Env steps between `train` records in metrics.jsonl; in updates, as eval_every."""
-
-
-@dataclass
 class ProbeConfig:
     enabled: bool = False
     """Measure Hessian eigenvalues of the TD loss during training."""
@@ -228,256 +201,29 @@ class ProbeConfig:
     """Fresh batches of the training batch size (`replay.batch_size`) each probe also draws to measure the
     batch sharpness E_B[g_Bᵀ H_B g_B / ‖g_B‖²] and the mean λ_max of the batch Hessians (Andreyev &
     Beneventano, 2024), in the step's geometry D^½ H_B D^½ like λ₁; each batch costs a gradient, 1 HVP and
-    a one-vector eigensolve (0: off)."""
-
-
-@dataclass
-class DistributedConfig:
-    num_actors: int = 2
-    """Actor processes started by `eosrl launch` (`--actors` overrides it)."""
-    actor_epsilon: Literal["schedule", "apex"] = "schedule"
-    """`schedule`: every actor's env follows agent.epsilon_* over its own env steps; `apex`:
-    env i of N (all actors' envs: num_actors × envs_per_actor) keeps the fixed
-    ε_i = apex_epsilon^(1 + apex_alpha·i/(N−1)) of Ape-X (Horgan et al., 2018)."""
-    apex_epsilon: float = 0.4
-    """Base ε of the Ape-X per-actor exploration."""
-    apex_alpha: float = 7.0
-    """Exponent spread of the Ape-X per-actor exploration."""
-    envs_per_actor: int = 1
-    """Envs each actor process steps together, with one batched policy call per step of
-    all of them; env i of actor a is seeded, and explores (`apex`), as the single-env
-    actor a·envs_per_actor + i would (`eosrl train` always steps one env)."""
-    param_refresh_steps: int = 200
-    """Env steps (of all an actor's envs) between an actor's reads of the `params` table."""
-    publish_every: int = 100
-    """Learner updates between writes of the parameters to the `params` table."""
-    max_actor_restarts: int = 3
-    """Restarts either launcher (local or Ray) grants each actor, and the prober, that dies before giving up on it."""
-    error_buffer: float = 0.0
-    """Slack of the SampleToInsertRatio limiter in samples (0: ten updates' worth, at least 100)."""
-
-
-@dataclass
-class RegimeConfig:
-    mode: Literal["online", "offline", "offline_to_online"] = "online"
-    """`online` (actors collect), `offline` (learn from `dataset` only) or `offline_to_online`
-    (replay starts with `dataset`, then actors add data)."""
-    dataset: str = ""
-    """Path of a recorded or imported dataset (offline regimes)."""
-    subset: str = "all"
-    """Transitions of the dataset to use: `all`, `first N`, `last N` or `random N` (seeded by run.seed)."""
-    corruption: float = 0.0
-    """Fraction of the used transitions whose `corruption_field` is replaced at random."""
-    corruption_field: Literal["actions", "rewards"] = "actions"
-    """`actions` (uniform random action) or `rewards` (drawn from the dataset's reward values)."""
-
-
-@dataclass
-class Config:
-    name: str = "run"
-    """Run name; the default run directory is runs/<name>."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    agent: AgentConfig = field(default_factory=AgentConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    regime: RegimeConfig = field(default_factory=RegimeConfig)
-
-
-RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-# ----------------------------------------------------------------------------
-# Building a Config from nested dicts, with typed checks.
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks `value` against the annotation `tp`; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {getattr(tp, '__name__', tp)} fields, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:  # the allowed values, declared once on the field
-        valid = typing.get_args(tp)
-        if value not in valid:
-            raise ConfigError(f"{key}: unknown value {value!r} (valid: {', '.join(map(str, valid))})")
-        return value
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if origin in (list, List):
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):  # `--set agent.hidden_sizes=64,64`
-            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"unknown key '{prefix}{key}' (valid keys: {', '.join(names)})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def from_dict(data: dict) -> Config:
-    if not isinstance(data, dict):
-        raise ConfigError("config: expected a mapping of sections (env, agent, replay, run)")
-    config = _build(Config, data)
-    validate(config)
-    return config
-
-
-def _set_path(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    cls = Config
-    for i, part in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in names:
-            where = ".".join(parts[:i]) or "top level"
-            raise ConfigError(f"unknown key '{dotted}' ({where} has: {', '.join(names)})")
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        cls = typing.get_type_hints(cls)[part]
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"unknown key '{dotted}' ('{'.'.join(parts[:i + 1])}' is not a section)")
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping")
-
-
-def parse_overrides(overrides: List[str]) -> List[tuple]:
-    pairs = []
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. agent.optimizer.lr=1e-3")
-        key, raw = item.split("=", 1)
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
-    return pairs
-
-
-# ----------------------------------------------------------------------------
-# Reading a user's YAML file (configs, study files): PyYAML's SafeLoader reads an
-# empty file as None and keeps the last of two equal keys, so a blank file or a
-# `kind:` given twice would run something else than written, without a word.
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: str, first: int, second: int):
-        super().__init__(f"duplicate key '{key}' on lines {first} and {second} "
-                         f"(YAML would keep only the last; remove one)")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping, at any depth."""
-
-    def construct_document(self, node):
-        _check_duplicates(self, node, "", set())
-        return super().construct_document(node)
-
-
-def _check_duplicates(loader: yaml.SafeLoader, node: yaml.Node, where: str, seen: set) -> None:
-    """Raises _DuplicateKey for the first key that appears twice in a mapping under `node`;
-    `where` is the node's dotted path (`agent`, `stages[0].runs[1].set`)."""
-    if id(node) in seen:  # an alias: checked where its anchor stands (and no cycles)
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicates(loader, item, f"{where}[{i}]", seen)
-    elif isinstance(node, yaml.MappingNode):
-        lines: dict = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key: an override by design
-                _check_duplicates(loader, value_node, where, seen)
-                continue
-            key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
-            dotted = f"{where}.{key}" if where else str(key)
-            line = key_node.start_mark.line + 1
-            if key is not None and key in lines:
-                raise _DuplicateKey(dotted, lines[key], line)
-            if key is not None:
-                lines[key] = line
-            _check_duplicates(loader, value_node, dotted, seen)
-
-
-def read_yaml(path: Path, what: str = "config", error: type = ConfigError) -> Any:
-    """The YAML document of `path` (a file that exists). An empty file (or one of only
-    comments), invalid YAML or a duplicate key raise `error` with one line naming the file."""
-    loader = _StrictLoader(path.read_text())
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            raise error(f"{path}: the {what} file is empty (nothing but comments or blank lines)")
-        return loader.construct_document(node)
-    except _DuplicateKey as e:
-        raise error(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    finally:
-        loader.dispose()
-
-
-def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Config:
-    """Reads a YAML config, applies `--set` overrides, and validates the result."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (env, agent, replay, run)")
-    for key, value in parse_overrides(overrides or []):
-        _set_path(data, key, value)
-    try:
-        return from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    a one-vector eigensolve, and with a momentum buffer (heavy ball, Adam) 1 HVP more for the batch
+    sharpness along the momentum step, `momentum_batch_sharpness` (0: off)."""
+    loss_trace_window: int = 0
+    """W: the TD loss of every update in windows of W updates, `loss_trace` records (0: off): around
+    each target-network copy (W/2 updates before it, W/2 after) and after each probe whose λ₁ ≥ 0.9 of
+    the threshold (the next W; inline probes), where the edge of stability shows as a period-2 oscillating
+    loss that `train` means cannot show (launch/loss_traces.py). Works with `probe.enabled` false too
+    (then only the target-copy windows). Costs a float per traced update."""
+    gauss_newton_every: int = 0
+    """Learner updates between measures of λ₁ of the Gauss–Newton matrix Jᵀ∇²ℓJ of the probe batch
+    (`gauss_newton_sharpness`, in λ₁'s geometry; a multiple of `every`; 0: never): a one-vector
+    eigensolve of products that each cost about one HVP (a jvp, an output-space HVP, a vjp)."""
+    layer_every: int = 0
+    """Learner updates between measures of λ₁ of each layer's diagonal block of the Hessian
+    (`layer_sharpness`; a multiple of `every`; 0: never): a one-vector eigensolve per layer."""
+    dataset_every: int = 0
+    """Offline runs (`regime.mode: offline`): learner updates between measures of λ₁ of the mean loss
+    over the dataset (`dataset_sharpness`; a multiple of `every`; 0: never), by HVPs summed over chunks
+    of `batch_size` transitions: each product costs `dataset_transitions`/`batch_size` probe-batch HVPs."""
+    dataset_transitions: int = 0
+    """Transitions of the dataset that `dataset_every` measures over: 0 all valid ones, else that many
+    drawn uniformly without replacement once per run (from `run.seed`; a 500k-transition dataset at 20
+    solver iterations is slow whole on a CPU)."""
 
 
 # ----------------------------------------------------------------------------
@@ -499,6 +245,7 @@ def _validate_probe(p: ProbeConfig, capacity: int) -> None:
     _positive("probe.iterations", p.iterations)
     _positive("probe.max_queued", p.max_queued)
     _positive("probe.batch_sharpness_batches", p.batch_sharpness_batches, allow_zero=True)
+    _positive("probe.loss_trace_window", p.loss_trace_window, allow_zero=True)
     if not 0.0 < p.tolerance < 1.0:
         raise ConfigError(f"probe.tolerance: must be in (0, 1), got {p.tolerance}")
     if p.method == "lanczos" and p.iterations < p.num_eigs:
@@ -507,7 +254,9 @@ def _validate_probe(p: ProbeConfig, capacity: int) -> None:
     if p.full_every % p.every:
         raise ConfigError(f"probe.full_every: {p.full_every} is not a multiple of probe.every {p.every} "
                           "(0: every probe is full)")
-    for name in ("trace_every", "geometric_complexity_every"):
+    _positive("probe.dataset_transitions", p.dataset_transitions, allow_zero=True)
+    for name in ("trace_every", "geometric_complexity_every", "gauss_newton_every", "layer_every",
+                 "dataset_every"):
         every = getattr(p, name)
         _positive(f"probe.{name}", every, allow_zero=True)
         if every % p.every:
@@ -545,14 +294,15 @@ def _validate_optimizer(o: OptimizerConfig) -> None:
                               f"(with or without momentum), not {o.name}")
         if o.lr_schedule != "constant":
             raise ConfigError(f"agent.optimizer.lr_schedule: must be constant with step_size_rule "
-                              f"{o.step_size_rule} (lr is the rule's cap)")
+                              f"{o.step_size_rule} (the rule sets each step)")
     _positive("agent.optimizer.dal_power", o.dal_power, allow_zero=True)
+    _positive("agent.optimizer.dal_max_lr", o.dal_max_lr)
     _positive("agent.optimizer.corridor_scale", o.corridor_scale)
 
 
-def validate(c: Config) -> None:
-    _positive("env.max_episode_frames", c.env.max_episode_frames)
-    a = c.agent
+def validate_agent(a: AgentConfig, r: ReplayConfig, p: ProbeConfig) -> None:
+    """The checks of the agent's sections (agent, replay, probe); the run's `validate`
+    (launch/config.py), which every loader calls, calls them with its own."""
     _validate_optimizer(a.optimizer)
     _positive("agent.gradient_penalty", a.gradient_penalty, allow_zero=True)
     _positive("agent.geometric_complexity_penalty", a.geometric_complexity_penalty, allow_zero=True)
@@ -578,7 +328,10 @@ def validate(c: Config) -> None:
     _positive("agent.epsilon_decay_steps", a.epsilon_decay_steps, allow_zero=True)
     sn = a.spectral_norm
     _positive("agent.spectral_norm.power_iterations", sn.power_iterations)
-    r = c.replay
+    if sn.scale_lr and sn.mode == "divide":
+        raise ConfigError("agent.spectral_norm.scale_lr: divides each SN layer's step by max(1, σ), which "
+                          "agent.spectral_norm.mode divide already does (the layer uses W/σ, so its gradient "
+                          "carries 1/σ); set mode log (the paper's ablation) or scale_lr false")
     _positive("replay.capacity", r.capacity)
     _positive("replay.min_size", r.min_size)
     _positive("replay.batch_size", r.batch_size)
@@ -587,37 +340,4 @@ def validate(c: Config) -> None:
         raise ConfigError(f"replay.batch_size: {r.batch_size} is larger than replay.min_size {r.min_size}")
     if r.min_size > r.capacity:
         raise ConfigError(f"replay.min_size: {r.min_size} is larger than replay.capacity {r.capacity}")
-    u = c.run
-    # The budget the regime runs on must be positive: with none the run would "complete" at
-    # once, untrained. Offline runs take no env steps: their total_env_steps is unused.
-    if c.regime.mode != "offline" and not u.total_env_steps > 0:
-        raise ConfigError(f"run.total_env_steps: must be > 0 (regime.mode {c.regime.mode} runs that many "
-                          f"env steps), got {u.total_env_steps}")
-    _positive("run.total_env_steps", u.total_env_steps, allow_zero=True)
-    _positive("run.eval_every", u.eval_every, allow_zero=True)
-    _positive("run.eval_episodes", u.eval_episodes)
-    _positive("run.checkpoint_every", u.checkpoint_every)
-    _positive("run.keep_checkpoints", u.keep_checkpoints)
-    _positive("run.log_every", u.log_every)
-    _validate_probe(c.probe, r.capacity)
-    d = c.distributed
-    _positive("distributed.num_actors", d.num_actors)
-    _positive("distributed.envs_per_actor", d.envs_per_actor)
-    _positive("distributed.param_refresh_steps", d.param_refresh_steps)
-    _positive("distributed.publish_every", d.publish_every)
-    _positive("distributed.max_actor_restarts", d.max_actor_restarts, allow_zero=True)
-    _positive("distributed.error_buffer", d.error_buffer, allow_zero=True)
-    if not 0.0 < d.apex_epsilon < 1.0:
-        raise ConfigError(f"distributed.apex_epsilon: must be in (0, 1), got {d.apex_epsilon}")
-    g = c.regime
-    if not 0.0 <= g.corruption <= 1.0:
-        raise ConfigError(f"regime.corruption: must be in [0, 1], got {g.corruption}")
-    parse_subset(g.subset)
-    if g.mode != "online" and not g.dataset:
-        raise ConfigError(f"regime.dataset: regime.mode {g.mode} needs the path of a dataset")
-    if g.mode == "offline" and not u.total_updates > 0:
-        raise ConfigError(f"run.total_updates: must be > 0 (the learner updates of an offline run), "
-                          f"got {u.total_updates}")
-    if not RUN_NAME.fullmatch(c.name) or c.name in (".", ".."):
-        # The name becomes runs/<name>, which --overwrite may delete: it must stay inside runs/.
-        raise ConfigError(f"name: must be letters, digits, '_', '-' or '.' (not '.' or '..'), got {c.name!r}")
+    _validate_probe(p, r.capacity)

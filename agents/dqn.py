@@ -29,8 +29,14 @@ def td_loss(q_tm1: jnp.ndarray, a_tm1: jnp.ndarray, r_t: jnp.ndarray, discount_t
     (the target Q-values: Q-learning; the online ones: double Q-learning)."""
     chex.assert_rank([q_tm1, a_tm1, r_t, discount_t, q_t_target, q_t_selector], [2, 1, 1, 1, 2, 2])
     chex.assert_equal_shape([q_tm1, q_t_target, q_t_selector])
-    td = jnp.asarray(jax.vmap(rlax.double_q_learning)(q_tm1, a_tm1, r_t, discount_t, q_t_target, q_t_selector))
+    td = td_errors(q_tm1, a_tm1, r_t, discount_t, q_t_target, q_t_selector)
     return jnp.mean(huber_loss(td, huber_delta))
+
+
+def td_errors(q_tm1: jnp.ndarray, a_tm1: jnp.ndarray, r_t: jnp.ndarray, discount_t: jnp.ndarray,
+              q_t_target: jnp.ndarray, q_t_selector: jnp.ndarray) -> jnp.ndarray:
+    """The TD errors [B] whose Huber loss `td_loss` averages."""
+    return jnp.asarray(jax.vmap(rlax.double_q_learning)(q_tm1, a_tm1, r_t, discount_t, q_t_target, q_t_selector))
 
 
 class Dqn(NamedTuple):
@@ -45,6 +51,10 @@ class Dqn(NamedTuple):
 
     def loss(self, out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector) -> jnp.ndarray:
         return td_loss(out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector, self.huber_delta)
+
+    def loss_diagnostics(self, out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector):
+        td = td_errors(out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector)
+        return {"huber_fraction": jnp.mean((jnp.abs(td) > self.huber_delta).astype(jnp.float32))}
 
 
 def make(agent: AgentConfig) -> Dqn:

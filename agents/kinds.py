@@ -45,6 +45,13 @@ class AgentKind(Protocol):
         `out_t_target`."""
         ...
 
+    def loss_diagnostics(self, out_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax.Array,
+                         out_t_target: jax.Array, q_t_selector: jax.Array) -> Dict[str, jax.Array]:
+        """Scalars the probes record about the loss on a batch (the arguments of `loss`), by
+        record field: DQN and QR-DQN `huber_fraction`, the fraction of TD errors beyond
+        Huber's δ (κ), where the loss is linear and has no curvature; {} for C51."""
+        ...
+
 
 def make(agent: Any) -> AgentKind:
     """The kind of `agent` (a validated AgentConfig), with its settings."""

@@ -196,6 +196,22 @@ def fuse(step: Callable) -> Callable:
     return fused
 
 
+def fuse_traced(step: Callable) -> Callable:
+    """`fuse` that also returns every update's metric vector ([length, M]: the summary's
+    `last` after each step, so it repeats the diverged update's after a divergence), for
+    the per-update loss traces (`Learner.run(losses=True)`)."""
+
+    def fused(state: LearnerState, summary: Summary, data, length: int):
+        def body(carry, _):
+            carry = step(*carry, data)
+            return carry, carry[1].last
+
+        (state, summary), lasts = jax.lax.scan(body, (state, summary), None, length=length)
+        return state, summary, lasts
+
+    return fused
+
+
 class UpdateMetrics(Mapping[str, float]):
     """One update's metrics, which stay one float32 vector on the device until the first
     is read; that read (waiting for the update) copies them all to the host at once.
@@ -249,6 +265,7 @@ class WindowMetrics(Mapping[str, float]):
         self._index = index
         self.count = int(summary["updates"])
         self._summary = summary
+        self.losses: Optional[np.ndarray] = None  # [count] each update's loss, with `run(losses=True)`
 
     def summary(self) -> Tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         s = self._summary
@@ -309,8 +326,10 @@ class Learner:
         if sample_items is not None:
             self._sampled = _as_vector(make_sampling_update(update, sample_items), self._metric_index)
             step = accumulate(self._sampled, self._metric_index)
+            self.accumulated_step = step  # unjitted: the multi-seed runner vmaps it (agents/seeds.py)
             self._fused_step = jax.jit(step)
             self._fused_scan = jax.jit(fuse(step), static_argnums=3)  # once per distinct `count`
+            self._fused_scan_traced = jax.jit(fuse_traced(step), static_argnums=3)  # compiled when used
             self.scan = jax.default_backend() != "cpu"  # `fuse` says why
         # The update count on the host: reading `state.step` would wait for the update in
         # flight, and the loop asks for the count after every update.
@@ -325,22 +344,42 @@ class Learner:
         self._last_metrics = metrics if "lr" in metrics else None
         return metrics
 
-    def run(self, data, count: int) -> WindowMetrics:
+    def run(self, data, count: int, losses: bool = False) -> WindowMetrics:
         """`count` updates on batches drawn from `data` on the device, as one program
         (one `lax.scan`; on the CPU `count` dispatches of one jitted step, `fuse` says
         why); waits for them. Stops after an update whose loss is non-finite: the result's
-        `count` says how many were made."""
-        assert self._sampled is not None, "a Learner made without sample_items cannot run on data"
-        if not self._metric_index:  # traces the update once, to size the summary
-            jax.eval_shape(self._sampled, self.state, data)
-        state, summary = self.state, empty_summary(len(self._metric_index))
-        if self.scan:
+        `count` says how many were made. With `losses` the result's `losses` holds each
+        update's loss too (the per-update metric vectors come back with the summary)."""
+        state, summary = self.state, empty_summary(self.metric_size(data))
+        lasts: Any = []
+        if self.scan and losses:
+            state, summary, lasts = self._fused_scan_traced(state, summary, data, int(count))
+        elif self.scan:
             state, summary = self._fused_scan(state, summary, data, int(count))
         else:
             for _ in range(int(count)):  # dispatched without waiting; read once below
                 state, summary = self._fused_step(state, summary, data)
+                if losses:
+                    lasts.append(summary.last)
+        window = self.adopt(state, jax.device_get(summary._asdict()))
+        if losses:
+            window.losses = np.asarray(jax.device_get(lasts)).reshape(-1, len(self._metric_index))[
+                :window.count, self._metric_index["loss"]]
+        return window
+
+    def metric_size(self, data) -> int:
+        """The entries of an update's metric vector (tracing the sampling update once)."""
+        assert self._sampled is not None, "a Learner made without sample_items cannot run on data"
+        if not self._metric_index:  # traces the update once, to size the summary
+            jax.eval_shape(self._sampled, self.state, data)
+        return len(self._metric_index)
+
+    def adopt(self, state: LearnerState, summary: Dict[str, np.ndarray]) -> WindowMetrics:
+        """Takes the state after a run of updates and their summary (on the host) as `run`
+        takes its own; the multi-seed runner (agents/seeds.py) hands each seed's learner
+        its slice of the vmapped run this way."""
         self.state = state
-        window = WindowMetrics(self._metric_index, jax.device_get(summary._asdict()))
+        window = WindowMetrics(self._metric_index, summary)
         self._step += window.count
         self._last_metrics = UpdateMetrics(self._metric_index, window.last) if "lr" in window else None
         return window
@@ -351,7 +390,7 @@ class Learner:
 
     def current_lr(self) -> float:
         """The step size now: the schedule's, or with a step-size rule the last update's
-        η_t (waiting for that update; before the first, the rule's cap `lr`)."""
+        η_t (waiting for that update; before the first, `lr`, as no η_t exists yet)."""
         if self._last_metrics is not None:
             return self._last_metrics["lr"]
         lr = self._lr

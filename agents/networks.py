@@ -11,7 +11,7 @@ iteration vectors of spectrally normalised layers (empty without SN).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Sequence, Tuple
 
 import haiku as hk
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 
 from eosrl.agents.config import AgentConfig
 from eosrl.agents import kinds, spectral_norm
+from eosrl.agents.layers import layer_names, resolve_network
 
 
 class Network(NamedTuple):
@@ -36,22 +37,6 @@ class Network(NamedTuple):
     layer_names: Tuple[str, ...]
     num_actions: int
     agent_kind: kinds.AgentKind
-
-
-def resolve_network(agent: AgentConfig, env_kind: str) -> str:
-    if agent.network != "auto":
-        return agent.network
-    return {"atari": "nature_cnn", "minatar": "minatar_cnn"}.get(env_kind, "mlp")
-
-
-def layer_names(network: str, hidden_sizes: Sequence[int]) -> List[str]:
-    if network == "mlp":
-        return [f"dense_{i}" for i in range(len(hidden_sizes))] + ["head"]
-    if network == "minatar_cnn":
-        return ["conv_0", "dense_0", "head"]
-    if network == "nature_cnn":
-        return ["conv_0", "conv_1", "conv_2", "dense_0", "head"]
-    raise ValueError(f"agent.network: unknown network {network!r}")
 
 
 def _torso_spec(network: str, hidden_sizes: Sequence[int]):

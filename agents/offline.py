@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eosrl.agents import replay
+from eosrl.agents import layout as item_layout
 from eosrl.agents.types import Transition
 
 _INDEX_BYTES = 4  # an item: the int32 index of its first row
@@ -78,7 +78,7 @@ class RowArrays:
 class DeviceDataset:
     """A dataset's rows and items on the device; `layout` (static) says how to read them."""
 
-    def __init__(self, rows: jax.Array, starts: jax.Array, layout: replay.ItemLayout):
+    def __init__(self, rows: jax.Array, starts: jax.Array, layout: item_layout.ItemLayout):
         self.rows, self.starts, self.layout = rows, starts, layout
 
     def tree_flatten(self):
@@ -113,12 +113,12 @@ def sample(data: DeviceDataset, key: jax.Array, batch_size: int) -> Transition:
     return data.layout.to_transition(sample_items(data, key, batch_size))
 
 
-def row_bytes(layout: replay.ItemLayout) -> int:
+def row_bytes(layout: item_layout.ItemLayout) -> int:
     """A row: the frame's bytes, then the packed transition's (agents/replay.py)."""
-    return layout.frame_bytes + 4 * len(replay.TRANSITION_FIELDS)
+    return layout.frame_bytes + 4 * len(item_layout.TRANSITION_FIELDS)
 
 
-def _row_bound(layout: replay.ItemLayout, reader, selection: np.ndarray) -> Tuple[int, int]:
+def _row_bound(layout: item_layout.ItemLayout, reader, selection: np.ndarray) -> Tuple[int, int]:
     """(an upper bound on the rows, the items) of a selection: each run of selected steps
     inside an episode adds stack - 1 + n rows to its steps (module docstring)."""
     selected = int(selection.sum())
@@ -177,7 +177,7 @@ def load(builder) -> Tuple[DeviceDataset, Dict[str, Any]]:
     reader = DatasetReader(builder.config.regime.dataset, verify="none")
     bound, _ = _row_bound(layout, reader, builder.selection(reader))
     writer = RowArrays(row_bytes(layout), capacity=bound)  # allocated once
-    adder = replay.TransitionAdder.into(writer, builder.config.agent.n_step, builder.config.agent.discount,
+    adder = item_layout.TransitionAdder.into(writer, builder.config.agent.n_step, builder.config.agent.discount,
                                         layout.frame_stack)
     loaded = builder.load_dataset(adder)
     rows, starts = writer.arrays()

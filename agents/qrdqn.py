@@ -43,6 +43,18 @@ def td_loss(dist_tm1: jnp.ndarray, a_tm1: jnp.ndarray, r_t: jnp.ndarray, discoun
     return jnp.mean(jax.vmap(one)(dist_tm1, a_tm1, r_t, discount_t, dist_t_target, q_t_selector))
 
 
+def pairwise_errors(dist_tm1: jnp.ndarray, a_tm1: jnp.ndarray, r_t: jnp.ndarray, discount_t: jnp.ndarray,
+                    dist_t_target: jnp.ndarray, q_t_selector: jnp.ndarray) -> jnp.ndarray:
+    """The errors u_ij = (r + γ θ'_j) − θ_i [B, N, N] (i online, j target quantile) whose
+    quantile Huber loss `td_loss` takes, as rlax.quantile_q_learning forms them: the
+    target quantiles are those of the selector's argmax action."""
+    def one(dist_tm1, a_tm1, r_t, discount_t, dist_t, q_t_selector):
+        target = r_t + discount_t * dist_t[jnp.argmax(q_t_selector)]  # [N]
+        return target[None, :] - dist_tm1[a_tm1][:, None]
+
+    return jax.vmap(one)(dist_tm1, a_tm1, r_t, discount_t, dist_t_target, q_t_selector)
+
+
 class QrDqn(NamedTuple):
     """The QR-DQN head ([A, N] quantiles per observation) and its loss."""
     tau: jnp.ndarray  # [N], the quantile midpoints
@@ -55,6 +67,10 @@ class QrDqn(NamedTuple):
 
     def loss(self, out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector) -> jnp.ndarray:
         return td_loss(out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector, self.tau)
+
+    def loss_diagnostics(self, out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector):
+        u = pairwise_errors(out_tm1, a_tm1, r_t, discount_t, out_t_target, q_t_selector)
+        return {"huber_fraction": jnp.mean((jnp.abs(u) > KAPPA).astype(jnp.float32))}
 
 
 def make(agent: AgentConfig) -> QrDqn:

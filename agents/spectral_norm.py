@@ -18,7 +18,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from eosrl.agents.config import ConfigError, SpectralNormConfig
+from eosrl.agents.config import SpectralNormConfig
+from eosrl.agents.layers import resolve_layers
 
 _EPS = 1e-12
 # Power-iteration steps when a network is created, so that σ is converged before the
@@ -47,31 +48,6 @@ def _initial_vector(name: str):
     def init(shape, dtype):
         return _normalize(jax.random.normal(key, shape, dtype))
     return init
-
-
-def resolve_layers(spec: str, layer_names: Sequence[str]) -> tuple:
-    """Layer names selected by `spec` ("-2", "-2,-3", "dense_0", "all", "none")."""
-    spec = str(spec).strip()
-    if spec in ("", "none"):
-        return ()
-    if spec in ("all", "full"):
-        return tuple(layer_names)
-    chosen = []
-    for token in (t.strip() for t in spec.split(",")):
-        if token in layer_names:
-            chosen.append(token)
-            continue
-        try:
-            index = int(token)
-        except ValueError:
-            index = None
-        if index is None or index >= 0 or -index > len(layer_names):
-            raise ConfigError(
-                f"agent.spectral_norm.layers: {token!r} is not a layer of this network "
-                f"(layers from input to output: {', '.join(layer_names)}; use negative "
-                f"indices -1..-{len(layer_names)}, names, 'all' or 'none')")
-        chosen.append(layer_names[index])
-    return tuple(n for n in layer_names if n in chosen)
 
 
 def power_iteration_matrix(w: jnp.ndarray, u: jnp.ndarray, steps: int):

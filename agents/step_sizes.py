@@ -5,17 +5,27 @@ Both rules are for SGD with or without heavy-ball momentum. As in the authors' c
 for the drift-adjusted rule, η_t scales the gradient before the optimiser, which then
 runs at learning rate 1: v ← βv + η_t g, θ ← θ − v (with a constant η_t this is the
 heavy-ball step of agents/thresholds.py, so the probe's threshold (2+2β)/η_t is the
-local one). `lr` caps η_t, so a rule only ever shortens the configured step.
+local one; agents/thresholds.py says why the last η_t, not an average of recent ones).
+`corridor` is capped at `lr`, so it only ever shortens the configured step;
+`drift_adjusted` is capped at the absolute step `dal_max_lr` (the authors' 5), so its
+steps may be longer than `lr`, which it does not use.
 
 - `drift_adjusted` (Rosca, Wu, Qin & Dherin, 2023, "On a continuous time model of
   gradient descent dynamics and instability in deep learning", TMLR; DAL): with
-  g = ∇L(θ) and H = ∇²L(θ), η_t = min(2 / (‖Hg‖/‖g‖)^p, lr). ‖Hg‖/‖g‖ is the
-  drift's curvature along the gradient (at most |λ|max), so p = 1 sets the step
+  g = ∇L(θ) and H = ∇²L(θ), η_t = min(2 / (‖Hg‖/‖g‖)^p, dal_max_lr). ‖Hg‖/‖g‖ is
+  the drift's curvature along the gradient (at most |λ|max), so p = 1 sets the step
   2/curvature that the principal flow says is stable along g; p trades stability
   against progress. The rule is read from the authors' released code
-  (github.com/deepmind/discretisation_drift, principal_flow_instability_single_objective/
-  dal.py: `lr_scale = 1 / (static_lr · v^p / 2)`, v = ‖Hg‖/‖g‖), which computes Hg
-  with one Hessian-vector product per step, on the mini-batch for SGD, as here.
+  (github.com/deepmind/discretisation_drift at e5c5623, principal_flow_instability_single_objective/
+  dal.py, `DriftAdaptiveLearningRateScaler`): v = ‖Hg‖/‖g‖ (line 100), the gradient is
+  multiplied by clip(1 / (static_lr · v^p / 2), 0, max_lr_scale / static_lr) (lines 97,
+  107-108; `max_lr_scale=5`, line 61) and the optimiser then steps at `static_lr`, which
+  "has no effect if DAL is used" (lines 43-45): the step is min(2/v^p, 5), an absolute
+  cap, whatever `static_lr` is. `scaling_power` 0 leaves the gradient unscaled (lines
+  92-94), plain SGD at `static_lr`: here p = 0 steps at `lr`. Hg takes one
+  Hessian-vector product per step (forward over reverse, their `hvp`, lines 164-182), on
+  the mini-batch for SGD, as here. Their `scaling_start`/`scaling_stop` window (default:
+  every step) is not carried over.
 - `corridor` (Dherin & Rosca, 2024, "Corridor geometry in gradient-based
   optimization"): the corridor learning rate, a Polyak step η_t = min(c·L/‖g‖², lr).
   L is the TD loss, whose lower bound 0 is reached by DQN's Huber loss but not by
@@ -58,8 +68,10 @@ def step_size(config: OptimizerConfig, loss_of_params: Callable[[Any], jax.Array
               loss: jax.Array, grads: Any) -> jax.Array:
     """η_t of the configured rule at `params` (`loss`, `grads`: the objective's there)."""
     if config.step_size_rule == "drift_adjusted":
+        if config.dal_power == 0:  # the authors' plain SGD at static_lr (dal.py lines 92-94)
+            return jnp.asarray(config.lr, jnp.float32)
         return drift_adjusted(grads, hessian_gradient_product(loss_of_params, params, grads),
-                              config.dal_power, config.lr)
+                              config.dal_power, config.dal_max_lr)
     if config.step_size_rule == "corridor":
         return corridor(loss, grads, config.corridor_scale, config.lr)
     raise ValueError(f"agent.optimizer.step_size_rule: {config.step_size_rule!r} has no η_t")

@@ -14,6 +14,21 @@ A probe compares the measured top Hessian eigenvalue λ₁ against these values
 
 η is the learning rate *now* (the schedule's current value), so with a
 decaying schedule the threshold rises over training.
+
+With a step-size rule (agents/step_sizes.py) η is the η_t of the last update,
+not an average of recent ones. The rule's η_t scales the gradient before the
+momentum buffer, v ← βv + η_t g, θ ← θ − v, so v = θ_{t−1} − θ_t is the last
+displacement and the update is θ_{t+1} = θ_t − η_t g_t + β(θ_t − θ_{t−1}): the
+earlier steps live in the state (θ_t, θ_{t−1}), not in the map that carries it
+forward. On a quadratic with eigenvalue λ that map is x_{t+1} = (1+β−η_tλ)x_t −
+βx_{t−1}, the constant-step map at η_t, whose spectral radius exceeds 1 iff
+λ > (2+2β)/η_t (Nesterov's likewise depends on η_t alone, in (x, v)). A
+momentum-weighted average of recent steps, η_eff = (1−β)Σ_k β^k η_{t−k},
+describes how far the buffer carries θ along a slowly varying gradient, not
+whether the oscillation along λ grows: stepped from 0.9 to 1.1 of the threshold
+step, the iterates grow at once while η_eff says stable for 6 more updates, and
+stepped back down, they stop growing at once while η_eff says unstable for 6
+(tests/test_step_sizes.py).
 """
 from __future__ import annotations
 

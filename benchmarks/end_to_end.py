@@ -30,7 +30,7 @@ def bare_update(config_path: str, updates: int = 1000) -> float:
     import jax
     import numpy as np
     from eosrl.agents.builder import Builder
-    from eosrl.agents.config import load_config
+    from eosrl.launch.config import load_config
     builder = Builder(load_config(config_path))
     learner = builder.make_learner()
     batch = jax.device_put({key: np.zeros((builder.config.replay.batch_size,) + tuple(spec.shape),

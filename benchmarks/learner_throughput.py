@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import reverb  # noqa: E402
 
 from eosrl.agents import replay  # noqa: E402
-from eosrl.agents.config import load_config  # noqa: E402
+from eosrl.launch.config import load_config  # noqa: E402
 from eosrl.agents.builder import Builder  # noqa: E402
 from benchmarks import record  # noqa: E402
 

@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eosrl.agents.builder import Builder  # noqa: E402
-from eosrl.agents.config import load_config  # noqa: E402
+from eosrl.launch.config import load_config  # noqa: E402
 from eosrl.agents.dataset import DatasetWriter  # noqa: E402
 from eosrl.launch.rundir import read_metrics  # noqa: E402
 from eosrl.launch.train import train  # noqa: E402

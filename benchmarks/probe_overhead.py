@@ -39,7 +39,7 @@ MODES = {"off": ["probe.enabled=false"], "inline": ["probe.mode=inline"], "proce
 
 def record_dataset(path: Path, steps: int) -> None:
     """ε-greedy steps of the untrained network (min_size = the budget: no updates)."""
-    from eosrl.agents.config import load_config
+    from eosrl.launch.config import load_config
     from eosrl.launch.train import train
     train(load_config(CONFIG, [f"run.total_env_steps={steps}", f"replay.min_size={steps}",
                                f"replay.capacity={steps}", "run.eval_every=0", "run.eval_episodes=1",
@@ -69,7 +69,7 @@ def cold_start_hvps(run_dir: Path) -> Dict:
     import numpy as np
     from eosrl.agents import checkpoint
     from eosrl.agents.builder import Builder
-    from eosrl.agents.config import load_config
+    from eosrl.launch.config import load_config
     from eosrl.agents.probes import Prober
     from eosrl.launch.prober import load_probe_batch
     config = load_config(run_dir / "config.yaml")
@@ -77,11 +77,12 @@ def cold_start_hvps(run_dir: Path) -> Dict:
     learner = builder.make_learner()
     builder.restore(learner, checkpoint.latest(run_dir / "checkpoints"))
     batch = learner.preprocess(load_probe_batch(run_dir))
-    snap = Prober(config.probe, learner).snapshot(learner.state, learner.current_lr(), 0)
+    snap = Prober(config.probe, learner.agent, learner.loss_fn, learner.network).snapshot(
+        learner.state, learner.current_lr(), 0)
     out = {}
     for name, probe_config in (("lobpcg_cold", config.probe),
                                ("lanczos_30", dataclasses.replace(config.probe, method="lanczos"))):
-        prober = Prober(probe_config, learner)
+        prober = Prober(probe_config, learner.agent, learner.loss_fn, learner.network)
         prober.probe(snap, batch)  # compile
         prober.forget_vectors()    # a cold start again, now timed
         out[name] = prober.probe(snap, batch)

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eosrl.agents.builder import Builder  # noqa: E402
-from eosrl.agents.config import load_config  # noqa: E402
+from eosrl.launch.config import load_config  # noqa: E402
 from eosrl.agents.learner import Learner  # noqa: E402
 from eosrl.agents.types import Transition  # noqa: E402
 from benchmarks import record  # noqa: E402

@@ -6,7 +6,7 @@ its probe snapshots (the `probe_snapshots` queue, read by the prober).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generator, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -77,30 +77,26 @@ def _wait_for_items(client: reverb.Client, table: str) -> None:
 
 class SnapshotQueue:
     """Probe snapshots from the learner to the prober, oldest first, through the
-    `probe_snapshots` table (`probe.mode: process`). An item holds the leaves
-    of the four parameter trees, the step scaling (empty when there is none), then
-    step, lr and env steps; step −1 marks the learner's end."""
+    `probe_snapshots` table (`probe.mode: process`). An item is encoded by the
+    snapshot's field names (`encode_snapshot`): the leaf count of each field of
+    `ProbeSnapshot`, then every field's leaves; an item without fields marks the
+    learner's end."""
 
     def __init__(self, client: reverb.Client, template: Any, max_queued: int):
         """`template`: (params, net_state) of the network, as `network.init` returns them."""
         self._client = client
-        params, net_state = template
-        self._treedef = jax.tree_util.tree_structure((params, params, net_state, net_state))
+        self._like = ProbeSnapshot.like(*template)
         self.max_queued = max_queued
 
-    def _insert(self, trees: Any, scaling: Any, step: int, lr: float, env_steps: int) -> None:
-        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(trees)]
-        scaling = np.zeros((0,), np.float32) if scaling is None else np.asarray(scaling)
-        counts = [np.asarray(step, np.int64), np.asarray(lr, np.float64), np.asarray(env_steps, np.int64)]
-        self._client.insert(leaves + [scaling] + counts, priorities={replay.PROBE_TABLE: 1.0})
+    def _insert(self, item: List[np.ndarray]) -> None:
+        self._client.insert(item, priorities={replay.PROBE_TABLE: 1.0})
 
     def offer(self, snap: ProbeSnapshot) -> bool:
         """Queues `snap` unless `max_queued` snapshots already wait (then False: the
         learner never waits for the prober)."""
         if self.waiting() >= self.max_queued:
             return False
-        self._insert((snap.params, snap.target_params, snap.net_state, snap.target_net_state),
-                     snap.step_scaling, snap.step, snap.lr, snap.env_steps)
+        self._insert(encode_snapshot(snap))
         return True
 
     def close(self) -> None:
@@ -108,7 +104,7 @@ class SnapshotQueue:
         place for it (`replay.probe_table`): were it to wait for the prober to make room,
         a prober that restarts and compiles while the queue is full could outlast the
         wait, and then nothing would tell it to stop."""
-        self._insert((), None, -1, 0.0, 0)
+        self._insert([np.zeros((0,), np.int64)])
 
     def oldest(self) -> Tuple[int, Optional[ProbeSnapshot]]:
         """(key, snapshot) of the oldest waiting snapshot (waits for one), which stays
@@ -118,13 +114,9 @@ class SnapshotQueue:
         sample = next(self._client.sample(replay.PROBE_TABLE, num_samples=1, emit_timesteps=False))
         key = int(sample.info.key)
         flat = [x[0] for x in sample.data]  # an inserted item is one step: drop that axis
-        step = int(flat[-3])
-        if step < 0:
+        if not flat[0].size:
             return key, None
-        params, target_params, net_state, target_net_state = jax.tree_util.tree_unflatten(self._treedef, flat[:-4])
-        return key, ProbeSnapshot(params, target_params, net_state, target_net_state,
-                                  step_scaling=flat[-4] if flat[-4].size else None, step=step,
-                                  lr=float(flat[-2]), env_steps=int(flat[-1]))
+        return key, decode_snapshot(flat, self._like)
 
     def done(self, key: int) -> None:
         """Removes a snapshot once its record is written."""
@@ -132,6 +124,39 @@ class SnapshotQueue:
 
     def waiting(self) -> int:
         return replay.table_size(self._client, replay.PROBE_TABLE, timeout=3)
+
+
+def encode_snapshot(snap: ProbeSnapshot) -> List[np.ndarray]:
+    """[leaf count of each field of `ProbeSnapshot`, in its order] + the leaves of every
+    field (a tree's in `tree_leaves` order, a number as a 0-d array, None as none)."""
+    counts, leaves = [], []
+    for name in ProbeSnapshot._fields:
+        value = getattr(snap, name)
+        field = [] if value is None else [np.asarray(x) for x in jax.tree_util.tree_leaves(value)]
+        counts.append(len(field))
+        leaves += field
+    return [np.asarray(counts, np.int64)] + leaves
+
+
+def decode_snapshot(item: List[np.ndarray], like: ProbeSnapshot) -> ProbeSnapshot:
+    """The snapshot `encode_snapshot` made `item` of. Each field takes its shape from
+    `like`'s: a tree's structure, a number's type, or (None there) an optional array."""
+    counts, leaves = [int(c) for c in item[0]], item[1:]
+    if len(counts) != len(ProbeSnapshot._fields):
+        raise ValueError(f"a probe snapshot of {len(counts)} fields, not the {len(ProbeSnapshot._fields)} "
+                         f"of ProbeSnapshot: learner and prober run different versions of eosrl")
+    fields: Dict[str, Any] = {}
+    start = 0
+    for name, count in zip(ProbeSnapshot._fields, counts):
+        field, start = leaves[start:start + count], start + count
+        template = getattr(like, name)
+        if template is None:
+            fields[name] = field[0] if field else None
+        elif isinstance(template, (bool, int, float)):
+            fields[name] = type(template)(field[0].item())
+        else:
+            fields[name] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), field)
+    return ProbeSnapshot(**fields)
 
 
 def rate_limited_batches(address: str, batch_size: int, inserts: Callable[[], int], max_idle_s: float,

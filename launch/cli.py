@@ -25,18 +25,13 @@ def _fail(message: str) -> int:
 
 
 def _load(config_path: str, overrides: List[str], verify_dataset: str = "none"):
-    """The checked config. `verify_dataset="open"` also checks every shard's checksum of
-    the regime's dataset: the commands that create a run directory do, before creating it."""
-    from eosrl.agents.config import load_config
-    from eosrl.agents.networks import layer_names, resolve_network
-    from eosrl.agents import spectral_norm
-    from eosrl.envs.factory import validate_env_config
+    """The checked config (`load_config` checks every field: launch/config.py, `validate`)
+    and, for the offline regimes, its dataset on disk: made for this env, with these frames.
+    `verify_dataset="open"` also checks every shard's checksum: the commands that create a
+    run directory do, before creating it. (The dataset is a file, not a config value: a
+    study's spec is read before an earlier stage has recorded it.)"""
+    from eosrl.launch.config import load_config
     config = load_config(config_path, overrides)
-    validate_env_config(config.env)
-    # Layer selection depends on the network, so check it here too.
-    kind = resolve_network(config.agent, config.env.kind)
-    spectral_norm.resolve_layers(config.agent.spectral_norm.layers,
-                                 layer_names(kind, config.agent.hidden_sizes))
     if config.regime.mode != "online":  # a dataset of another env is refused up front
         from eosrl.agents.dataset import DatasetReader
         from eosrl.envs.factory import env_spec
@@ -49,7 +44,7 @@ def _load(config_path: str, overrides: List[str], verify_dataset: str = "none"):
 
 def _run_config(args, command: str):
     """(config, run dir) for train/launch: a new run from CONFIG or --resume RUN_DIR."""
-    from eosrl.agents.config import save_config
+    from eosrl.launch.config import save_config
     from eosrl.launch.rundir import RunDir
     if args.resume:
         run_dir = RunDir(args.resume)
@@ -98,6 +93,8 @@ def _delete_run(path: Path) -> None:
 
 
 def cmd_train(args) -> int:
+    if args.seeds is not None or args.seed_runs:
+        return _train_seeds(args)
     config, path = _run_config(args, "train")
     from eosrl.launch.rundir import route_native_logs
     route_native_logs(path / "native.log")
@@ -108,13 +105,33 @@ def cmd_train(args) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def _train_seeds(args) -> int:
+    """`eosrl train CONFIG --seeds 0,1,2` or `eosrl train --seed-runs DIR ...`: offline
+    seeds as one vmapped program (launch/train_seeds.py)."""
+    from eosrl.launch.rundir import route_native_logs
+    from eosrl.launch.summary import print_summary
+    from eosrl.launch.train_seeds import runs_of_args, train_seeds
+    if args.resume:
+        raise UsageError("--resume: one run; resume seeds run together with --seed-runs RUN_DIR_seed-0 ...")
+    try:
+        configs, runs, resume = runs_of_args(args, lambda path: _load(str(path), args.set, verify_dataset="open"),
+                                             _delete_run)
+        route_native_logs(next(iter(runs.values())) / "native.log")
+        summaries = train_seeds(configs, runs, resume, progress=not args.no_progress)
+    except ValueError as error:  # arguments or configs that cannot run together
+        raise UsageError(str(error)) from None
+    for summary in summaries.values():
+        print_summary(summary)
+    return 0 if all(s["status"] == "completed" for s in summaries.values()) else 1
+
+
 def cmd_launch(args) -> int:
     if args.actors is not None:
         args.set = list(args.set) + [f"distributed.num_actors={args.actors}"]
     if args.replay_port is not None and not 1024 <= args.replay_port <= 65535:
         raise UsageError(f"--replay-port {args.replay_port}: must be in 1024..65535")
     config, path = _run_config(args, "launch")
-    from eosrl.agents.config import save_config
+    from eosrl.launch.config import save_config
     from eosrl.launch.lifeline import stop_on_signals
     from eosrl.launch.rundir import RunDir, route_native_logs
     from eosrl.launch.summary import print_summary
@@ -341,6 +358,13 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seeds", metavar="S,S,...",
+                   help="offline only: run these seeds of CONFIG as one vmapped program, each in "
+                        "RUN_DIR_seed-<s> as if it ran alone (docs/design.md, 'Seeds as one program')")
+    p.add_argument("--seed-runs", nargs="+", metavar="RUN_DIR",
+                   help="offline only: run these run directories (each holding its config.yaml, which may "
+                        "differ only in run.seed and regime.dataset) as one vmapped program; those with a "
+                        "checkpoint resume from it, the others start (how a study runs a cell, --vmap-seeds)"),
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("launch", help="distributed run: replay server, actors, learner, evaluator as processes",
@@ -393,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from eosrl.launch.lifeline import watch_parent
     watch_parent(delay_s=4.0 if args.command == "replay-server" else 0.0)
-    from eosrl.agents.config import ConfigError
+    from eosrl.launch.config import ConfigError
     from eosrl.agents.checkpoint import CheckpointError
     from eosrl.envs.factory import EnvError
     from eosrl.agents.dataset import DatasetError

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from eosrl.agents.config import Config
+from eosrl.launch.config import Config
 from eosrl.envs.scores import human_normalized_score
 from eosrl.launch.rundir import MetricsWriter, RunDir
 from eosrl.agents.builder import EVALUATE_COMMAND_SEED_OFFSET, Builder

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Generic, List, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from eosrl.agents.builder import Builder, actor_shares
-from eosrl.agents.config import Config
+from eosrl.launch.config import Config
 from eosrl.launch.progress import progress_bar
 from eosrl.launch.resume import env_step_offset
 from eosrl.launch.roles import EXIT_DIVERGED, probes_in_process

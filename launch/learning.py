@@ -14,18 +14,21 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eosrl.agents import checkpoint, replay
+from eosrl.agents import checkpoint, layout
 from eosrl.agents.builder import Builder
 from eosrl.agents.learner import UpdateMetrics, WindowMetrics
 from eosrl.launch import resume
-from eosrl.launch.channels import SnapshotQueue
+from eosrl.launch.loss_traces import LossTraces
 from eosrl.launch.rundir import MetricsWriter, RunDir
+
+if TYPE_CHECKING:  # Reverb: the offline device path (launch/train_seeds.py) runs without it
+    from eosrl.launch.channels import SnapshotQueue
 
 Batch = Dict[str, np.ndarray]
 
@@ -63,7 +66,8 @@ class LearnerLoop:
         self.prober = None
         if self.config.probe.enabled:
             from eosrl.agents.probes import Prober  # compiles HVPs: only load when asked for
-            self.prober = Prober(self.config.probe, self.learner, seed=self.config.run.seed)
+            self.prober = Prober(self.config.probe, self.config.agent, self.learner.loss_fn, self.learner.network,
+                                 seed=self.config.run.seed, objective_fn=self.learner.objective_fn)
         self._probe_queue = probe_queue if self.prober is not None else None
         self.run_dir, self.metrics = run_dir, metrics
         self._batches, self._sample_items, self._env_steps = batches, sample_items, env_steps
@@ -74,10 +78,14 @@ class LearnerLoop:
         self._eval_every = schedule.every(run.eval_every)
         self._checkpoint_every = schedule.every(run.checkpoint_every)
         self.probe_batch: Optional[Batch] = None  # raw items
+        self.probe_dataset: Any = None  # offline on the device: the DeviceDataset of `probe.dataset_every`
         self._window: List[UpdateMetrics | WindowMetrics] = []
         # (update, its metrics) not yet checked
         self._pending_loss: Optional[Tuple[int, UpdateMetrics | WindowMetrics]] = None
         self.diverged_at: Optional[int] = None
+        # (update, params after it) kept when a probe is due at the next update: its Δθ
+        self._previous_params: Optional[Tuple[int, Any]] = None
+        self._traces = LossTraces(self.config.probe.loss_trace_window, self.config.agent.target_update_period)
         self.last_env_steps = 0  # of the last record or checkpoint, should the count become unreadable
         self._tick = (time.time(), self.learner.step)
 
@@ -105,31 +113,67 @@ class LearnerLoop:
         happens as after a single update. A status: `completed` or `diverged` (with the
         `divergence` event at the exact update whose loss was non-finite)."""
         learner = self.learner
-        if self._fixed_probe_batch() and self.probe_batch is None:
-            self.probe_batch = self._sample_items(self.config.probe.batch_size)  # as `update` draws it
+        self.start_on_device(data)
         while learner.step < total:
             start = learner.step
-            window = learner.run(data, self._next_host_step(start, total) - start)
-            self._window.append(window)
-            step = learner.step
-            if not math.isfinite(window["loss"]):  # a run stops after the update that diverged
-                self._pending_loss = (step, window)
-                self._loss_was_finite()
+            stop = self.next_host_step(start, total)
+            window = learner.run(data, stop - start, losses=self.wants_losses(start, stop))
+            if not self.after_run(window):
                 return "diverged"
-            if self.prober is not None and self.prober.should_probe(step):
-                self._probe(step)
-            self._records_due(step)
-            progress(step)
+            progress(learner.step)
         return "completed"
 
-    def _next_host_step(self, step: int, total: int) -> int:
+    def start_on_device(self, data: Any = None) -> None:
+        """Before the first fused run: the fixed probe batch, drawn as `update` draws it, and
+        the device dataset `data` the probes measure `dataset_sharpness` over (`probe.dataset_every`)."""
+        self.probe_dataset = data
+        if self._fixed_probe_batch() and self.probe_batch is None:
+            self.probe_batch = self._sample_items(self.config.probe.batch_size)
+        self._keep_params_before_probe()
+
+    def after_run(self, window: WindowMetrics) -> bool:
+        """What is due on the host after a fused run that ended at a host step (its
+        `train` window, a probe, records, an evaluation, a checkpoint); False, with the
+        `divergence` event written, when its loss went non-finite. `run_on_device` and the
+        multi-seed runner (launch/train_seeds.py, each seed's loop) call it after each run."""
+        self._window.append(window)
+        step = self.learner.step
+        if window.losses is not None:  # Learner.run(losses=True): updates step − count + 1 … step
+            for i, loss in enumerate(window.losses):
+                self._write_traces(self._traces.add(step - window.count + 1 + i, loss))
+        if not math.isfinite(window["loss"]):  # a run stops after the update that diverged
+            self._pending_loss = (step, window)
+            self._loss_was_finite()
+            return False
+        if self.prober is not None and self.prober.should_probe(step):
+            self._probe(step)
+        self._records_due(step)
+        self._keep_params_before_probe()
+        return True
+
+    def _keep_params_before_probe(self) -> None:
+        """Keeps the parameters when a probe is due after the next update (a reference:
+        the update makes new arrays), for the probe's `last_update` Δθ."""
+        step = self.learner.step
+        if self.prober is not None and self.prober.should_probe(step + 1):
+            self._previous_params = (step, self.learner.state.params)
+
+    def next_host_step(self, step: int, total: int) -> int:
         """The first update after `step` at which something is due on the host."""
         periods = [self._log_every, self._checkpoint_every]
         if self.prober is not None:
             periods.append(self.config.probe.every)
         if self._evaluate is not None and self._eval_every:
             periods.append(self._eval_every)
-        return min([total] + [(step // p + 1) * p for p in periods if p])
+        stop = min([total] + [(step // p + 1) * p for p in periods if p])
+        if self.prober is not None and self.prober.should_probe(stop) and stop - 1 > step:
+            stop -= 1  # the update before a probe runs alone: its Δθ is the probe's `last_update`
+        return stop
+
+    def wants_losses(self, start: int, stop: int) -> bool:
+        """Whether a fused run of updates start+1 … stop must return each update's loss (a
+        loss-trace window falls in it); the multi-seed runner asks each seed's loop."""
+        return self._traces.wanted(start + 1, stop)
 
     # --- one step -------------------------------------------------------------------
 
@@ -165,8 +209,11 @@ class LearnerLoop:
         if self._fixed_probe_batch() and self.probe_batch is None:
             # Drawn once, when learning starts, and kept in checkpoints.
             self.probe_batch = self._sample_items(self.config.probe.batch_size)
+        self._keep_params_before_probe()
         metrics = self.learner.update(batch)
         self._window.append(metrics)
+        if self._traces.enabled:  # its loss is read when its window is written
+            self._write_traces(self._traces.add(self.learner.step, metrics))
         if not self._loss_was_finite():
             return False
         self._pending_loss = (self.learner.step, metrics)  # read at the next update
@@ -182,7 +229,9 @@ class LearnerLoop:
         `probe.max_queued` snapshots already wait)."""
         assert self.prober is not None
         env_steps = self._env_steps()
-        snapshot = self.prober.snapshot(self.learner.state, self.learner.current_lr(), env_steps)
+        kept, self._previous_params = self._previous_params, None
+        previous = kept[1] if kept is not None and kept[0] == step - 1 else None
+        snapshot = self.prober.snapshot(self.learner.state, self.learner.current_lr(), env_steps, previous)
         if self._probe_queue is not None:
             if not self._probe_queue.offer(snapshot):
                 self.metrics.write("event", step, env_steps=env_steps, event="probe_skipped",
@@ -196,9 +245,16 @@ class LearnerLoop:
                                                    self.config.replay.batch_size, self._sample_items,
                                                    self.learner.preprocess)
         record = self.prober.probe(snapshot, self.learner.preprocess(self.probe_batch), sharpness_batches,
-                                   full=full)
+                                   full=full, dataset=self.probe_dataset)
         self.metrics.write("probe", step, env_steps=env_steps,
                            **{k: v for k, v in record.items() if k not in ("kind", "step")})
+        self._traces.near_threshold(step, record["sharpness_over_threshold"])
+
+    def _write_traces(self, records: List[Dict[str, Any]]) -> None:
+        """`loss_trace` records of completed windows (launch/loss_traces.py)."""
+        for record in records:
+            step = record.pop("step")
+            self.metrics.write("loss_trace", step, env_steps=self._env_steps(), **record)
 
     def _loss_was_finite(self) -> bool:
         """Checks the pending loss; on the first non-finite one writes the event."""
@@ -250,7 +306,7 @@ class LearnerLoop:
             return None
         keep_batch = self._fixed_probe_batch() and self.probe_batch is not None
         meta = {**self._checkpoint_meta(), "env_steps": env_steps, "learner_step": self.learner.step,
-                "has_probe_batch": keep_batch, "item_fields": list(replay.ITEM_FIELDS)}
+                "has_probe_batch": keep_batch, "item_fields": list(layout.ITEM_FIELDS)}
         if self._snapshot is not None:
             meta["replay_checkpoint"] = self._snapshot()
         path = self.learner.save(self.run_dir.checkpoints, keep=self.config.run.keep_checkpoints,
@@ -268,6 +324,8 @@ class LearnerLoop:
         env_steps = self.last_env_steps if env_steps is None else env_steps
         if self._window:
             self.write_train(env_steps)
+        for record in self._traces.flush():  # windows the run ended (or diverged) inside
+            self.metrics.write("loss_trace", record.pop("step"), env_steps=env_steps, **record)
         self.save(env_steps)
         self.metrics.write("event", self.learner.step, event="learner_finished", status=status,
                            env_steps=env_steps, diverged_at=self.diverged_at)

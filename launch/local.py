@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from eosrl.agents.config import Config
+from eosrl.launch.config import Config
 from eosrl.launch.launcher import launch
 from eosrl.launch.rundir import RunDir
 from eosrl.launch.supervisor import Child, stop, write_pids

@@ -33,14 +33,15 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 
 from eosrl.agents import replay
 from eosrl.agents.builder import Builder
-from eosrl.agents.config import Config
+from eosrl.launch.config import Config
+from eosrl.agents.learner import make_loss_fn, make_objective_fn
 from eosrl.agents.probes import Prober, draw_sharpness_batches
 from eosrl.launch.channels import SnapshotQueue, connect, while_server_answers
 from eosrl.launch.lifeline import stop_on_signals
@@ -74,13 +75,21 @@ def save_probe_batch(run_dir: Path, batch: Dict[str, np.ndarray]) -> None:
     os.replace(partial, path)
 
 
+def prober_parts(config: Config) -> Tuple[Builder, Prober, Callable]:
+    """(builder, prober, preprocess): the network, the TD loss and the batch layout of
+    the run, and no optimiser (the prober measures, it never updates; test_prober checks)."""
+    builder = Builder(config)
+    loss_fn = make_loss_fn(builder.network, config.agent)
+    prober = Prober(config.probe, config.agent, loss_fn, builder.network, seed=config.run.seed,
+                    objective_fn=make_objective_fn(loss_fn, builder.network, config.agent))
+    return builder, prober, builder.layout.to_transition
+
+
 def run_prober(config: Config, address: str, run_dir: Path) -> int:
     """Probes queued snapshots until the learner's end marker (or SIGTERM)."""
-    builder = Builder(config)
+    builder, prober, preprocess = prober_parts(config)
     client = connect(address)
-    learner = builder.make_learner()  # its loss and network; never updated here
     queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
-    prober = Prober(config.probe, learner, seed=config.run.seed)
     rdir = RunDir(run_dir).create()
     metrics = MetricsWriter(rdir)
     batch = load_probe_batch(rdir.path) if config.probe.batch == "fixed" else None
@@ -107,8 +116,8 @@ def run_prober(config: Config, address: str, run_dir: Path) -> int:
                 full = prober.is_full(snap.step)
                 sharpness_batches = draw_sharpness_batches(
                     config.probe.batch_sharpness_batches if full else 0, config.replay.batch_size,
-                    lambda n: replay.sample_items(client, n, builder.signature()), learner.preprocess)
-                record = prober.probe(snap, learner.preprocess(batch), sharpness_batches, full=full)
+                    lambda n: replay.sample_items(client, n, builder.signature()), preprocess)
+                record = prober.probe(snap, preprocess(batch), sharpness_batches, full=full)
                 metrics.write("probe", snap.step, env_steps=snap.env_steps, batch_digest=batch_digest(batch),
                               snapshot_key=str(key), **{k: v for k, v in record.items() if k not in ("kind", "step")})
                 queue.done(key)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from eosrl.agents.config import Config, to_dict
+from eosrl.launch.config import Config, to_dict
 from eosrl.launch.launcher import launch
 from eosrl.launch.rundir import RunDir
 from eosrl.launch.supervisor import write_pids
@@ -31,7 +31,7 @@ def _role_actor(ray):
             return ray.util.get_node_ip_address(), os.getpid()
 
         def run(self, role: str, config_dict: dict, **kwargs) -> int:
-            from eosrl.agents.config import from_dict
+            from eosrl.launch.config import from_dict
             from eosrl.launch import prober, roles
             config = from_dict(config_dict)
             if role == "replay":

@@ -37,7 +37,7 @@ def item_layout_problem(meta: dict) -> Optional[str]:
     """Why this version cannot resume from a checkpoint with `meta`: its replay snapshot
     or fixed probe batch holds items of another layout. None when it can (the learner
     state does not depend on the layout, so a checkpoint with neither resumes)."""
-    from eosrl.agents.replay import ITEM_FIELDS  # loads TensorFlow: only on resume
+    from eosrl.agents.layout import ITEM_FIELDS
     fields = tuple(meta.get("item_fields", UNPACKED_ITEM_FIELDS))
     held = [what for what, present in (("replay snapshot", _paired(meta) is not None),
                                         ("probe batch", meta.get("has_probe_batch"))) if present]

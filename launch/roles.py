@@ -26,7 +26,7 @@ import reverb
 
 from eosrl.agents import replay
 from eosrl.agents.builder import Builder, actor_shares
-from eosrl.agents.config import Config
+from eosrl.launch.config import Config
 from eosrl.launch import resume
 from eosrl.launch.channels import (ParamsChannel, SnapshotQueue, connect, inserted_steps,
                                    rate_limited_batches, while_server_answers)

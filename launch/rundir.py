@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-KINDS = ("train", "eval", "probe", "actor", "event")
+KINDS = ("train", "eval", "probe", "actor", "event", "loss_trace")
 ACTOR_FSYNC_SECONDS = 1.0
 
 
@@ -111,6 +111,11 @@ class MetricsWriter:
         import tensorflow as tf
         assert self._tb is not None
         with self._tb.as_default(step=step):
+            if kind == "loss_trace":  # each update's loss at its own update
+                for i, loss in enumerate(record["losses"]):
+                    if isinstance(loss, float):
+                        tf.summary.scalar("loss_trace/loss", loss, step=step + i)
+                return
             for key, value in record.items():
                 if key in ("kind", "step", "time"):
                     continue
@@ -119,6 +124,10 @@ class MetricsWriter:
                 elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
                     for i, v in enumerate(value):
                         tf.summary.scalar(f"{kind}/{key}_{i}", v)
+                elif isinstance(value, dict):  # e.g. a probe's layer_sharpness, {layer: λ₁}
+                    for name, v in value.items():
+                        if isinstance(v, (int, float)) and not isinstance(v, bool):
+                            tf.summary.scalar(f"{kind}/{key}/{name}", v)
 
     def close(self) -> None:
         if self._file.closed:
@@ -151,12 +160,12 @@ def read_metrics(path: str | Path, kind: Optional[str] = None) -> Iterator[Dict[
 
 
 # Records of the learner's updates that a resume from an earlier checkpoint makes again.
-SUPERSEDED_KINDS = ("train", "probe", "eval")
+SUPERSEDED_KINDS = ("train", "probe", "eval", "loss_trace")
 
 
 def without_superseded(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A run's records as its history reads: each `resumed` event at learner update S drops
-    the `train`, `probe` and `eval` records written before it at updates after S. A crashed
+    the `train`, `probe`, `eval` and `loss_trace` records written before it at updates after S. A crashed
     run leaves those for updates after its last checkpoint; the resumed run makes the
     updates again from that checkpoint and writes its own. The file keeps both (nothing
     written is ever lost); plots and study tables read this view."""

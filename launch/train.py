@@ -14,14 +14,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-import reverb
-
-from eosrl.agents import offline, replay
+from eosrl.agents import offline
 from eosrl.agents.actor import Actor
 from eosrl.agents.builder import Builder
-from eosrl.agents.config import Config, save_config
+from eosrl.launch.config import Config, save_config
 from eosrl.launch import resume as resume_lib
 from eosrl.launch.learning import LearnerLoop, all_finite
 from eosrl.launch.lifeline import stop_on_signals
@@ -35,6 +33,8 @@ class _InProcessReplay:
     (the server must hold min_size items before sampling starts)."""
 
     def __init__(self, builder: Builder, run_dir: RunDir):
+        import reverb  # here, not at the top: the offline path (and launch/train_seeds.py) runs without it
+        from eosrl.agents import replay
         self.snapshots = resume_lib.snapshots_replay(builder.config)
         if self.snapshots:
             resume_lib.prepare_replay(run_dir.path)  # only the snapshot paired with the checkpoint stays
@@ -47,12 +47,14 @@ class _InProcessReplay:
         self._stream: Optional[replay.BatchStream] = None
 
     def size(self) -> int:
+        from eosrl.agents import replay
         return replay.table_size(self.client)
 
     def ready(self, min_size: int) -> bool:
         return self._stream is not None or self.initial_size + self.adder.items_written >= min_size
 
     def batches(self) -> Iterator[Any]:
+        from eosrl.agents import replay
         while True:
             if self._stream is None:
                 self.adder.flush()
@@ -75,8 +77,8 @@ class _DeviceData:
     learner draws its batches from it with its own key, so there is no replay server."""
     snapshots = False  # the dataset is reloaded on resume, as offline replay is
 
-    def __init__(self, builder: Builder):
-        self.data, self.loaded = offline.load(builder)
+    def __init__(self, builder: Builder, loaded: Optional[Tuple[offline.DeviceDataset, Dict[str, Any]]] = None):
+        self.data, self.loaded = offline.load(builder) if loaded is None else loaded
 
     def size(self) -> int:
         return self.data.size
@@ -115,14 +117,7 @@ def train(config: Config, run_path: str | Path, resume: bool = False,
                 metrics.write("event", run.loop.learner.step, env_steps=run.env_steps, event="interrupted")
             finally:
                 status = run.finish(status)
-        final_eval = run.evaluate(run.loop.learner.step) if status == "completed" else None
-        extra: Dict[str, Any] = {"regime": config.regime.mode, "episodes": run.episodes,
-                 "train_return_last20": run.actor.stats.recent_return() if run.actor else None}
-        if run.recorder is not None:
-            extra["dataset"] = config.replay.record_to
-        summary = finish_run(run_dir, metrics, status, start_time, env_steps=run.env_steps,
-                             learner_updates=run.loop.learner.step,
-                             final_eval=final_eval["return_mean"] if final_eval else None, **extra)
+        summary = run.conclude(status, start_time)
     finally:
         metrics.close()
         data.close()
@@ -149,6 +144,7 @@ class _Run:
             sample_items: Callable[[int], Any] = offline.probe_sampler(data.data, config.run.seed,
                                                                         lambda: self.loop.learner.step)
         else:
+            from eosrl.agents import replay
             batches = data.batches()
             sample_items = lambda n: replay.sample_items(data.client, n, builder.signature())  # noqa: E731
             self.actor = builder.make_actor(data.adder, config.run.seed, recorder=self.recorder)
@@ -180,7 +176,7 @@ class _Run:
             loaded = self.builder.load_dataset(self.data.adder)
             self.data.adder.flush()
             self.metrics.write("event", learner.step, env_steps=self.env_steps, event="dataset_loaded", **loaded)
-            self.data.initial_size = replay.table_size(self.data.client)
+            self.data.initial_size = self.data.size()
         if self.actor is not None:
             self.actor.update_params(*learner.acting_params())
         self._tick = (time.time(), self.env_steps)
@@ -224,6 +220,17 @@ class _Run:
             if bar is not None:
                 bar.close()
         return "completed"
+
+    def conclude(self, status: str, start_time: float) -> Dict[str, Any]:
+        """After `finish`: the final evaluation of a completed run, then its summary."""
+        final_eval = self.evaluate(self.loop.learner.step) if status == "completed" else None
+        extra: Dict[str, Any] = {"regime": self.config.regime.mode, "episodes": self.episodes,
+                                 "train_return_last20": self.actor.stats.recent_return() if self.actor else None}
+        if self.recorder is not None:
+            extra["dataset"] = self.config.replay.record_to
+        return finish_run(self.loop.run_dir, self.metrics, status, start_time, env_steps=self.env_steps,
+                          learner_updates=self.loop.learner.step,
+                          final_eval=final_eval["return_mean"] if final_eval else None, **extra)
 
     def finish(self, status: str) -> str:
         if self.recorder is not None:

@@ -8,7 +8,8 @@ import pytest
 from conftest import CONFIGS
 from eosrl.agents import networks
 from eosrl.agents.actor import Actor, Evaluator
-from eosrl.agents.config import AgentConfig, load_config
+from eosrl.agents.config import AgentConfig
+from eosrl.launch.config import load_config
 
 OBS_DIM, NUM_ACTIONS = 2, 2
 # Episodes as (reward, terminated, truncated, info) per step. Episode 0 loses a life at

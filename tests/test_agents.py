@@ -10,7 +10,8 @@ import pytest
 
 from conftest import CONFIGS
 from eosrl.agents import kinds, networks
-from eosrl.agents.config import AgentConfig, ConfigError, load_config
+from eosrl.agents.config import AgentConfig, ConfigError
+from eosrl.launch.config import load_config
 from eosrl.agents.learner import make_loss_fn
 from eosrl.agents.types import Transition
 

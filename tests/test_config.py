@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from eosrl.agents.config import ConfigError, load_config
+from eosrl.launch.config import ConfigError, load_config
 from conftest import CONFIGS, ROOT
 
 
@@ -153,3 +153,28 @@ def test_an_offline_run_needs_no_env_steps():
     config = load_config(CONFIGS / "dqn_cartpole.yaml", ["regime.mode=offline", "regime.dataset=d",
                                                          "run.total_updates=100", "run.total_env_steps=0"])
     assert config.run.total_env_steps == 0 and config.run.total_updates == 100
+
+
+@pytest.mark.parametrize("key,value", [("env.id", "NoSuchEnv-v9"), ("agent.spectral_norm.layers", "-7")])
+def test_every_loader_runs_every_check(tmp_path, key, value):
+    """The checks the CLI alone once made (the env exists; the spectral-norm layers are
+    layers of the network) are `validate`'s: `load_config`, Ray's `from_dict` and a study's
+    plan refuse the config too, naming the key."""
+    import yaml
+    from eosrl.launch import study
+    from eosrl.launch.config import from_dict, to_dict
+    with pytest.raises(ConfigError, match=key):
+        load_config(CONFIGS / "dqn_cartpole.yaml", [f"{key}={value}"])
+    data = to_dict(load_config(CONFIGS / "dqn_cartpole.yaml"))
+    *sections, last = key.split(".")
+    node = data
+    for section in sections:
+        node = node[section]
+    node[last] = value
+    with pytest.raises(ConfigError, match=key):
+        from_dict(data)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "base": str(CONFIGS / "dqn_cartpole.yaml"),
+                                    "stages": [{"name": "a", "runs": [{"name": "one", "set": {key: value}}]}]}))
+    with pytest.raises(ConfigError, match=key):
+        study.plan_study(study.load_study(path), path, tmp_path / "out")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from eosrl.agents.config import EnvConfig
+from eosrl.envs.config import EnvConfig
 from eosrl.agents.dataset import (DatasetError, DatasetReader, DatasetWriter, import_dqn_replay,
                             replay_into, shard_name)
 

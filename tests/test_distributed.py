@@ -143,7 +143,7 @@ def test_learner_death_stops_run_with_message(tmp_path):
 
 
 def _template():
-    from eosrl.agents.config import load_config
+    from eosrl.launch.config import load_config
     from eosrl.agents.builder import Builder
     learner = Builder(load_config(CONFIGS / "dqn_cartpole.yaml")).make_learner()
     return {"learner": learner.state, "extra": {}}
@@ -200,7 +200,7 @@ def test_launch_offline_and_offline_to_online(tmp_path):
     """The replay server loads the dataset; offline, nobody acts and the learner runs
     `total_updates`; offline-to-online, actors add their steps and the learner
     starts at once, as `eosrl train` does in these regimes."""
-    from eosrl.agents.config import load_config
+    from eosrl.launch.config import load_config
     from eosrl.launch.train import train
     data = tmp_path / "collect" / "dataset"
     train(load_config(CONFIGS / "dqn_cartpole.yaml", [

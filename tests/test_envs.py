@@ -3,7 +3,7 @@ seeding, config errors, and human-normalised scores."""
 import numpy as np
 import pytest
 
-from eosrl.agents.config import EnvConfig
+from eosrl.envs.config import EnvConfig
 from eosrl.envs.factory import EnvError, env_spec, frame_shape, frame_stack, make_env, validate_env_config
 from eosrl.envs.scores import human_normalized_score
 

@@ -55,7 +55,7 @@ def _moments(tree):
 
 def pins(name):
     """Digests of the learner state after UPDATES updates on fixed batches."""
-    from eosrl.agents.config import load_config
+    from eosrl.launch.config import load_config
     from eosrl.agents.builder import Builder
     config_file, overrides = CASES[name]
     parts = Builder(load_config(CONFIGS / config_file, overrides))

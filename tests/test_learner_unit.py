@@ -14,7 +14,8 @@ import pytest
 from conftest import CONFIGS
 from eosrl.agents import networks
 from eosrl.agents.actor import EpsilonGreedy, linear_epsilon
-from eosrl.agents.config import AgentConfig, OptimizerConfig, load_config
+from eosrl.agents.config import AgentConfig, OptimizerConfig
+from eosrl.launch.config import load_config
 from eosrl.agents.learner import Learner
 from eosrl.agents.types import Transition
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from eosrl.agents.config import load_config
+from eosrl.launch.config import load_config
 from conftest import CONFIGS, ROOT
 from eosrl.launch.rundir import read_metrics
 from eosrl.agents.builder import Builder

@@ -13,7 +13,7 @@ import reverb
 from conftest import CONFIGS
 from eosrl.agents import offline, replay
 from eosrl.agents.builder import Builder
-from eosrl.agents.config import load_config
+from eosrl.launch.config import load_config
 from eosrl.agents.dataset import DatasetError, DatasetWriter
 from eosrl.launch.rundir import read_metrics
 from eosrl.launch.train import train
@@ -180,7 +180,8 @@ def test_divergence_inside_a_scan_is_reported_at_its_update(tmp_path):
 def test_two_offline_runs_with_one_seed_are_bit_identical(tmp_path):
     config = _small_offline(tmp_path, ["run.total_updates=60", "probe.enabled=true", "probe.every=20",
                                        "probe.num_eigs=2", "probe.batch_size=32", "probe.full_every=40",
-                                       "probe.batch_sharpness_batches=1", "run.eval_every=30"])
+                                       "probe.batch_sharpness_batches=1", "run.eval_every=30",
+                                       "probe.dataset_every=40", "probe.dataset_transitions=50"])
     runs = []
     for name in ("a", "b"):
         train(config, tmp_path / name, progress=False)
@@ -197,6 +198,9 @@ def test_two_offline_runs_with_one_seed_are_bit_identical(tmp_path):
         np.testing.assert_array_equal(runs[0][1][key], runs[1][1][key], err_msg=key)
     probes = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl", "probe")]
     assert [len(r["eigenvalues"]) for r in probes] == [1, 2, 1]  # λ₁ only between full probes
+    # λ₁ of the loss over 50 of the dataset's transitions (probe.dataset_every), at update 40 only.
+    assert [r.get("dataset_transitions") for r in probes] == [None, 50, None]
+    assert probes[1]["dataset_sharpness"] > 0 and "loss" in probes[0]
 
 
 @pytest.mark.slow  # offline `eosrl train` runs
@@ -231,7 +235,7 @@ def test_lambda1_probe_equals_the_top_k_lambda1_within_tolerance():
         learner.update(batch)
     tolerance = 1e-4
     prober = probes.Prober(ProbeConfig(enabled=True, every=10, full_every=20, num_eigs=5, iterations=60,
-                                       tolerance=tolerance), learner)
+                                       tolerance=tolerance), learner.agent, learner.loss_fn, learner.network)
     assert not prober.is_full(10) and prober.is_full(20)
     snap = prober.snapshot(learner.state, learner.current_lr(), 0)
     cold = prober.probe(snap, batch, full=False)  # the first probe: random start vectors

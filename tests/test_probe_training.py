@@ -4,7 +4,7 @@ import numpy as np
 
 import pytest
 from eosrl.agents import checkpoint
-from eosrl.agents.config import load_config
+from eosrl.launch.config import load_config
 from conftest import CONFIGS
 from eosrl.launch.plot import plot_runs
 from eosrl.launch.rundir import read_metrics

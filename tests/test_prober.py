@@ -15,7 +15,7 @@ from conftest import CONFIGS, ROOT, random_items
 from processes import eosrl, events, kill_launch, pids, wait_for
 from eosrl.agents import checkpoint
 from eosrl.agents.builder import Builder
-from eosrl.agents.config import load_config
+from eosrl.launch.config import load_config
 from eosrl.agents.probes import Prober
 from eosrl.launch.learning import LearnerLoop
 from eosrl.launch.prober import PROBE_BATCH_FILE, batch_digest, load_probe_batch
@@ -85,7 +85,7 @@ def _inline_probes_of_the_same_snapshots(run_dir, records):
     config = load_config(run_dir / "config.yaml")
     builder = Builder(config)
     learner = builder.make_learner()
-    prober = Prober(config.probe, learner, seed=config.run.seed)
+    prober = Prober(config.probe, learner.agent, learner.loss_fn, learner.network, seed=config.run.seed)
     batch = learner.preprocess(load_probe_batch(run_dir))
     at_step = {checkpoint.read_meta(p)["learner_step"]: p for p in checkpoint.list_checkpoints(run_dir / "checkpoints")}
     for record in records:
@@ -166,7 +166,8 @@ def test_a_restarted_prober_records_each_snapshot_once(tmp_path):
         client = reverb.Client(f"localhost:{server.port}")
         queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
         learner = builder.make_learner()
-        snapshot = Prober(config.probe, learner).snapshot(learner.state, learner.current_lr(), 0)
+        prober = Prober(config.probe, learner.agent, learner.loss_fn, learner.network)
+        snapshot = prober.snapshot(learner.state, learner.current_lr(), 0)
         for step in (10, 20, 30, 40):  # a full queue
             assert queue.offer(snapshot._replace(step=step))
         assert not queue.offer(snapshot._replace(step=50))
@@ -221,7 +222,8 @@ def test_the_prober_measures_batch_sharpness_on_fresh_batches(tmp_path, monkeypa
         client = reverb.Client(f"localhost:{server.port}")
         queue = SnapshotQueue(client, builder.network.init(jax.random.PRNGKey(0)), config.probe.max_queued)
         learner = builder.make_learner()
-        snapshot = Prober(config.probe, learner).snapshot(learner.state, 0.01, 0)._replace(step=10)
+        prober = Prober(config.probe, learner.agent, learner.loss_fn, learner.network)
+        snapshot = prober.snapshot(learner.state, 0.01, 0)._replace(step=10)
         assert queue.offer(snapshot)
         queue.close()
         rdir = RunDir(tmp_path).create()
@@ -238,3 +240,53 @@ def test_the_prober_measures_batch_sharpness_on_fresh_batches(tmp_path, monkeypa
                 "batch_lambda_max_over_threshold"):
         assert np.isfinite(record[key]) and record[key] > 0, key
     assert 0 < record["batch_hvps"] < record["hvps"]
+
+
+def test_the_prober_builds_no_optimiser(monkeypatch):
+    """The prober process takes the TD loss, the network and the batch layout, not a
+    learner: with every optimiser constructor refusing (ours and optax's), its parts are
+    built and measure a snapshot."""
+    import optax
+    from eosrl.agents import learner as learner_module, optimizers
+    from eosrl.agents.probes import ProbeSnapshot
+    from eosrl.launch.prober import prober_parts
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the prober built an optimiser")
+
+    monkeypatch.setattr(optimizers, "make_optimizer", refuse)
+    monkeypatch.setattr(learner_module, "make_optimizer", refuse)
+    for name in ("adam", "sgd", "rmsprop", "chain", "inject_hyperparams"):
+        monkeypatch.setattr(optax, name, refuse)
+    config = load_config(CONFIGS / "dqn_cartpole.yaml", PROBE + [
+        "probe.num_eigs=1", "probe.iterations=10", "agent.hidden_sizes=[16, 16]", "agent.optimizer.name=adam"])
+    builder, prober, preprocess = prober_parts(config)
+    params, net_state = builder.network.init(jax.random.PRNGKey(0))
+    snap = ProbeSnapshot.like(params, net_state)._replace(step=10, lr=1e-3)
+    record = prober.probe(snap, preprocess(random_items(builder, 64, np.random.default_rng(0))))
+    assert record["step"] == 10 and np.isfinite(record["sharpness"])
+    with pytest.raises(AssertionError, match="optimiser"):  # the test can fail: a learner would build one
+        builder.make_learner()
+
+
+def test_snapshots_travel_encoded_by_field_name():
+    """Every field of ProbeSnapshot goes through the channel's encoding and comes back:
+    trees by the template's structure (an empty SN state included), numbers by type, the
+    optional step scaling as an array or None."""
+    from eosrl.agents.probes import ProbeSnapshot
+    from eosrl.launch.channels import decode_snapshot, encode_snapshot
+    params = {"dense_0": {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}}
+    like = ProbeSnapshot.like(params, {})
+    for scaling in (None, np.arange(8, dtype=np.float32)):
+        snap = ProbeSnapshot(params, params, {}, {}, scaling, step=7, lr=0.25, env_steps=123)
+        back = decode_snapshot([np.asarray(x) for x in encode_snapshot(snap)], like)
+        assert back._fields == snap._fields
+        assert (back.step, back.lr, back.env_steps) == (7, 0.25, 123)
+        assert type(back.step) is int and type(back.lr) is float
+        assert back.net_state == {} and back.target_net_state == {}
+        np.testing.assert_array_equal(back.target_params["dense_0"]["w"], params["dense_0"]["w"])
+        assert (back.step_scaling is None) == (scaling is None)
+        if scaling is not None:
+            np.testing.assert_array_equal(back.step_scaling, scaling)
+    with pytest.raises(ValueError, match="fields"):
+        decode_snapshot([np.asarray([1, 2], np.int64), np.ones(1), np.ones(1)], like)

@@ -18,7 +18,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from eosrl.agents import eigensolvers, networks, probes
+from eosrl.agents import eigensolvers, networks, preconditioning, probes
 from eosrl.agents.config import AgentConfig, OptimizerConfig, ProbeConfig
 from eosrl.agents.learner import Learner, Transition
 from eosrl.agents.thresholds import is_adaptive, stability_threshold
@@ -96,7 +96,8 @@ class Case:
         self.config = ProbeConfig(enabled=True, every=10, num_eigs=5, iterations=ITERATIONS,
                                   tolerance=TOLERANCE, smallest=True, trace_every=10,
                                   hutchinson_samples=HUTCHINSON_SAMPLES, geometric_complexity_every=10)
-        self.prober = probes.Prober(self.config, self.learner)
+        self.prober = probes.Prober(self.config, self.learner.agent, self.learner.loss_fn,
+                                    self.learner.network)
         self.record = probe_now(self.prober, self.learner, self.batch)
         self.hessian = dense_hessian(self.learner, self.batch)
 
@@ -181,7 +182,8 @@ def test_record_threshold_follows_the_schedule(case):
 def test_should_probe(case):
     prober = case.prober
     assert [s for s in range(35) if prober.should_probe(s)] == [10, 20, 30]
-    off = probes.Prober(ProbeConfig(enabled=False, every=10), case.learner)
+    off = probes.Prober(ProbeConfig(enabled=False, every=10), case.learner.agent, case.learner.loss_fn,
+                        case.learner.network)
     assert not off.should_probe(10)
 
 
@@ -189,7 +191,8 @@ def test_should_probe(case):
 def test_lanczos_method_matches_dense():
     dqn = get_case("dqn")
     prober = probes.Prober(ProbeConfig(enabled=True, method="lanczos", num_eigs=3, iterations=ITERATIONS,
-                                       smallest=True), dqn.learner)
+                                       smallest=True),
+                           dqn.learner.agent, dqn.learner.loss_fn, dqn.learner.network)
     record = probe_now(prober, dqn.learner, dqn.batch)
     assert record["method"] == "lanczos" and record["warm_start"] is False
     assert_rel_close(record["eigenvalues"], top_k_desc(dqn.hessian, 3))
@@ -217,7 +220,8 @@ def test_scale_lr_probe_measures_the_scaled_step():
     hessian = dense_hessian(learner, batch)
     scaled = np.sqrt(scale)[:, None] * hessian * np.sqrt(scale)[None, :]
     record = probe_now(probes.Prober(ProbeConfig(enabled=True, num_eigs=3, iterations=ITERATIONS,
-                                                 tolerance=TOLERANCE), learner), learner, batch)
+                                                 tolerance=TOLERANCE), learner.agent, learner.loss_fn, learner.network),
+                       learner, batch)
     assert record["operator"] == "S H"
     assert_rel_close(record["eigenvalues"], top_k_desc(scaled, 3))
     assert_rel_close(record["raw_sharpness"], top_k_desc(hessian, 1)[0])
@@ -239,7 +243,7 @@ def test_adam_preconditioned_sharpness_with_clipping():
     opt = OptimizerConfig(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0)
     learner = make_learner("dqn", opt, 5, batch)
     record = probe_now(probes.Prober(ProbeConfig(enabled=True, iterations=ITERATIONS, tolerance=TOLERANCE),
-                                     learner), learner, batch)
+                                     learner.agent, learner.loss_fn, learner.network), learner, batch)
     # chain(clip, adam): the Adam state is the first element of the second link.
     adam = learner.state.opt_state[1][0]
     assert isinstance(adam, optax.ScaleByAdamState) and int(adam.count) == 5
@@ -260,7 +264,7 @@ def test_rmsprop_preconditioned_sharpness_c51():
     opt = OptimizerConfig(name="rmsprop", lr=1e-3, decay=0.95, eps=1e-8)
     learner = make_learner("c51", opt, 5, batch)
     record = probe_now(probes.Prober(ProbeConfig(enabled=True, iterations=ITERATIONS, tolerance=TOLERANCE),
-                                     learner), learner, batch)
+                                     learner.agent, learner.loss_fn, learner.network), learner, batch)
     rms = learner.state.opt_state[0]
     assert isinstance(rms, optax.ScaleByRmsState)
     nu, _ = ravel_pytree(rms.nu)
@@ -277,14 +281,14 @@ def test_diagonal_preconditioner_reads_optax_states():
     grads = {"w": jnp.array([0.5, -1.0, 2.0])}
     # SGD (with momentum) has no preconditioner.
     sgd = optax.sgd(0.1, momentum=0.9)
-    assert probes.diagonal_preconditioner(sgd.init(params), OptimizerConfig(name="sgd")) is None
+    assert preconditioning.diagonal_preconditioner(sgd.init(params), OptimizerConfig(name="sgd")) is None
     # Centred RMSProp: √(ν − μ² + ε).
     opt = OptimizerConfig(name="rmsprop", centered=True, decay=0.9, eps=1e-8)
     rms = optax.rmsprop(0.1, decay=0.9, eps=1e-8, centered=True)
     state = rms.update(grads, rms.init(params), params)[1]
     g = np.asarray(grads["w"])
     mu, nu = 0.1 * g, 0.1 * g ** 2
-    np.testing.assert_allclose(probes.diagonal_preconditioner(state, opt)["w"],
+    np.testing.assert_allclose(preconditioning.diagonal_preconditioner(state, opt)["w"],
                                np.sqrt(nu - mu ** 2 + 1e-8), rtol=1e-6)
     # Adam: the preconditioner reproduces optax's actual update, η P⁻¹ μ.
     opt = OptimizerConfig(name="adam", b1=0.9, b2=0.999, eps=1e-8)
@@ -292,7 +296,7 @@ def test_diagonal_preconditioner_reads_optax_states():
     state = adam.init(params)
     for _ in range(3):
         updates, state = adam.update(grads, state, params)
-    p = probes.diagonal_preconditioner(state, opt)["w"]
+    p = preconditioning.diagonal_preconditioner(state, opt)["w"]
     np.testing.assert_allclose(updates["w"], -0.1 * state[0].mu["w"] / p, rtol=1e-5)
 
 
@@ -309,8 +313,9 @@ def test_top_eigenvalues_generic_with_preconditioner():
 
     params = {"x": jnp.zeros(30)}
     # (The unpreconditioned path is exercised by the supervised EoS test below.)
-    out = probes.top_eigenvalues(loss, params, 3, 30, jax.random.PRNGKey(0), smallest=True,
-                                 precond={"x": jnp.asarray(p, jnp.float32)})
+    solve = jax.jit(lambda params, precond: probes.top_eigenvalues(loss, params, 3, 30, jax.random.PRNGKey(0),
+                                                                   precond, smallest=True))
+    out = solve(params, {"x": jnp.asarray(p, jnp.float32)})
     expected = np.linalg.eigvalsh(preconditioned_dense(a, p))
     assert_rel_close(out["values"], expected[::-1][:3])
     assert_rel_close(out["lambda_min"], expected[0])
@@ -392,12 +397,13 @@ def test_batch_sharpness_matches_dense(name):
     batch = make_batch(0)
     learner = make_learner(kind, opt, 5, batch)
     prober = probes.Prober(ProbeConfig(enabled=True, num_eigs=2, method=method, iterations=ITERATIONS,
-                                       tolerance=TOLERANCE, batch_sharpness_batches=3), learner)
+                                       tolerance=TOLERANCE, batch_sharpness_batches=3),
+                           learner.agent, learner.loss_fn, learner.network)
     batches = [make_batch(seed) for seed in (1, 2, 3)]
     record = probe_now(prober, learner, batch, batches)
 
     flat = ravel_pytree(learner.state.params)[0]
-    precond = probes.diagonal_preconditioner(learner.state.opt_state, opt)
+    precond = preconditioning.diagonal_preconditioner(learner.state.opt_state, opt)
     scale = (np.ones(flat.shape[0]) if precond is None
              else 1.0 / np.sqrt(np.asarray(ravel_pytree(precond)[0], np.float64)))
     step, top = dense_batch_sharpness(learner, batches, scale)
@@ -432,7 +438,7 @@ def test_batch_sharpness_matches_dense(name):
 
 def test_batch_sharpness_batches_is_validated():
     from conftest import CONFIGS
-    from eosrl.agents.config import ConfigError, load_config
+    from eosrl.launch.config import ConfigError, load_config
     assert load_config(CONFIGS / "dqn_cartpole.yaml").probe.batch_sharpness_batches == 0  # off by default
     with pytest.raises(ConfigError) as error:
         load_config(CONFIGS / "dqn_cartpole.yaml", ["probe.batch_sharpness_batches=-1"])
@@ -445,7 +451,7 @@ def test_learner_loop_writes_batch_sharpness_records(tmp_path, figure_axes):
     records carry the new fields, finite, measured on fresh batches of replay.batch_size."""
     from conftest import CONFIGS, random_items
     from eosrl.agents.builder import Builder
-    from eosrl.agents.config import load_config
+    from eosrl.launch.config import load_config
     from eosrl.launch.learning import LearnerLoop
     from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics
     config = load_config(CONFIGS / "dqn_cartpole.yaml", [

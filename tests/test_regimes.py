@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from eosrl.agents.config import load_config
+from eosrl.launch.config import load_config
 from conftest import CONFIGS, ROOT
 from eosrl.launch.rundir import read_metrics
 from eosrl.launch.train import train

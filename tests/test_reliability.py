@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from eosrl.agents import checkpoint
-from eosrl.agents.config import ConfigError, load_config
+from eosrl.launch.config import ConfigError, load_config
 from conftest import CONFIGS, ROOT
 from processes import alive, eosrl, events, kill_launch, pids, wait_for
 from eosrl.launch import cli
@@ -96,7 +96,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, capsys)
 
 def test_corrupt_dataset_is_refused_before_the_run_dir_exists(tmp_path, monkeypatch, capsys):
     from eosrl.agents.dataset import DatasetWriter
-    from eosrl.agents.config import EnvConfig
+    from eosrl.envs.config import EnvConfig
     data = tmp_path / "data"
     env = EnvConfig(kind="gym", id="CartPole-v1")
     rng = np.random.default_rng(0)
@@ -121,7 +121,7 @@ def test_resume_refuses_a_checkpoint_whose_items_have_another_layout(tmp_path, c
     """Breaks if a run whose fixed probe batch (or replay snapshot) holds items of the
     layouts before the one-field `rows` items resumes into a confusing error later, or if
     a checkpoint with neither (its learner state does not depend on the layout) is refused."""
-    from eosrl.agents.config import save_config
+    from eosrl.launch.config import save_config
     from eosrl.agents.replay import ITEM_FIELDS
     from eosrl.launch.resume import UNPACKED_ITEM_FIELDS, item_layout_problem
     run = tmp_path / "old"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eosrl.agents.config import parse_overrides
+from eosrl.launch.config import parse_overrides
 from conftest import CONFIGS
 from eosrl.launch import study as st
 from eosrl.launch import supervisor
@@ -283,6 +283,25 @@ def test_shipped_studies_plan(path, tmp_path):
         assert len(rules) == 5 and all(s.config.agent.optimizer.lr == 0.256 for s in controls)
         assert all(s.deps == [f"record/collect_seed-{s.seed}"] for s in controls)
         return
+    if path.name == "iordan2023_minatar.yaml":  # the paper's setting: headline and controls
+        headline = [s for s in specs if s.stage == "headline"]
+        controls = [s for s in specs if s.stage == "controls"]
+        assert len(specs) == 3 + len(headline) + len(controls) and (len(headline), len(controls)) == (12, 15)
+        for s in headline:
+            c = s.config
+            assert (c.agent.optimizer.name, c.agent.optimizer.lr, c.agent.optimizer.momentum,
+                    c.replay.batch_size, c.probe.every, c.probe.num_eigs, c.probe.batch_size) == \
+                ("sgd", 0.008, 0.8, 512, 100, 5, 512)
+            updates = (c.run.total_updates if c.regime.mode == "offline"
+                       else (c.run.total_env_steps - c.replay.min_size) // c.replay.update_period)
+            assert updates >= 100_000
+        assert {s.config.agent.kind for s in controls} == {"dqn", "qrdqn", "c51"}
+        assert all(s.config.run.total_updates >= 20_000 and s.deps == [f"record/collect_seed-{s.seed}"]
+                   for s in controls)
+        effective = {s.name.split("_seed")[0]: s.config.agent.optimizer.lr / (1 - s.config.agent.optimizer.momentum)
+                     for s in controls}
+        assert all(abs(step - 0.16) < 1e-9 for step in effective.values())  # one effective step η/(1−β)
+        return
     if path.name.startswith("eos_regimes"):  # DQN and C51 in six regimes, 3 seeds (the small one: 1)
         regimes = [s for s in specs if s.stage == "regimes"]
         seeds = [0, 1, 2] if path.name == "eos_regimes_minatar.yaml" else [None]
@@ -391,7 +410,7 @@ def test_runner_skips_finished_reports_failures_and_carries_on(tmp_path, fake_tr
 
 @pytest.mark.slow
 def test_unfinished_run_resumes_from_its_checkpoint(tmp_path):
-    from eosrl.agents.config import save_config
+    from eosrl.launch.config import save_config
     from eosrl.launch.rundir import read_metrics
     from eosrl.launch.train import train
     path = write_study(tmp_path, {"name": "resume", "base": CARTPOLE, "stages": [{"name": "s", "runs": [
@@ -432,14 +451,33 @@ def test_dry_run_runs_nothing(tmp_path, fake_train, capsys):
     assert any("cmd" in line for line in lines)
 
 
+def test_only_runs_the_selected_runs_and_reports_the_rest(tmp_path, fake_train):
+    """A long study in parts: `--only` patterns pick runs by key; a dependency finished in an
+    earlier part counts as finished; what was left out is "not run" in the report."""
+    path = write_study(tmp_path, FAKE_STUDY)
+    out = tmp_path / "out"
+    write_metrics(out / "a" / "ok", [finished(10, "completed", final=1.0)])  # an earlier part
+    lines = []
+    result = st.run_study(path, out=out, echo=lines.append, only=["b/after-ok", "a/d*"])
+    assert "2 of 7 selected by --only" in lines[0]
+    statuses = {f"{r['stage']}/{r['run']}": r["status"] for r in result["rows"]}
+    assert statuses["b/after-ok"] == "completed" and statuses["a/done"] == "completed"
+    assert statuses["a/crash"] == "not run" and statuses["b/after-nan"] == "not run"
+    assert not (out / "a" / "crash").exists()
+    with pytest.raises(st.StudyError, match="--only: x/\\* matches none of the study's runs"):
+        st.run_study(path, out=out, echo=lines.append, only=["x/*"])
+
+
 def test_study_parser():
     parser = argparse.ArgumentParser(prog="eosrl")
     st.add_study_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["study", "s.yaml", "--parallel", "3", "--out", "o", "--dry-run"])
+    args = parser.parse_args(["study", "s.yaml", "--parallel", "3", "--out", "o", "--dry-run",
+                              "--only", "a/*", "--only", "*_seed-0"])
     assert (args.study, args.parallel, args.out, args.dry_run, args.func) == ("s.yaml", 3, "o", True, st.cmd_study)
+    assert args.only == ["a/*", "*_seed-0"]
     assert parser.parse_args(["study", "s.yaml"]).parallel == 1
     with pytest.raises(st.StudyError, match="--parallel"):
-        st.cmd_study(argparse.Namespace(study="s.yaml", parallel=0, out=None, dry_run=False))
+        st.cmd_study(argparse.Namespace(study="s.yaml", parallel=0, out=None, dry_run=False, only=None))
 
 
 # ----------------------------------------------------------------------------

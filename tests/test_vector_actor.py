@@ -12,7 +12,8 @@ from conftest import CONFIGS
 from eosrl.agents import networks, replay
 from eosrl.agents.actor import Actor, VectorActor, linear_epsilon
 from eosrl.agents.builder import Builder, actor_seed
-from eosrl.agents.config import AgentConfig, ConfigError, load_config
+from eosrl.agents.config import AgentConfig, ConfigError
+from eosrl.launch.config import load_config
 from eosrl.envs.factory import make_env
 
 NUM_ACTIONS = 3

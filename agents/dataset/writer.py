@@ -219,10 +219,6 @@ class DatasetWriter:
         """Replaces the provenance record (`source` in meta.json) written from now on."""
         self._source = dict(source) if source is not None else None
 
-    @property
-    def shards_written(self) -> int:
-        return len(self._shards)
-
     # --- internals ------------------------------------------------------------
 
     def _check_open(self) -> None:

@@ -25,8 +25,10 @@ REPS = 2000  # bootstrap resamples per interval
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # fixed, so a report rebuilt from the same runs shows the same intervals
 # Probe fields compared with the threshold: λ₁ of the probe batch's Hessian, and (when the
-# prober writes it) the batch sharpness. Absent fields are skipped, so older runs still report.
-SHARPNESS_FIELDS = {"sharpness": "λ₁", "batch_sharpness": "batch sharpness"}
+# prober writes them) the batch sharpness along the gradient and along the step the optimiser
+# takes (agents/step_readings.py). Absent fields are skipped, so older runs still report.
+SHARPNESS_FIELDS = {"sharpness": "λ₁", "batch_sharpness": "batch sharpness",
+                    "momentum_batch_sharpness": "momentum batch sharpness"}
 
 Series = List[Tuple[float, float]]  # (learner update, value / threshold), sorted by update
 

@@ -114,8 +114,8 @@ def across_seeds_section(groups: Sequence[Group]) -> List[str]:
         table = ratio_table(groups, field)
         if table:
             lines += ["", f"### {_capital(name)} relative to the stability threshold", ""] + table
-            if field == "batch_sharpness":
-                lines += ["", "Batch sharpness (the probe's `batch_sharpness`, a mean over its batches) is "
+            if field != "sharpness":
+                lines += ["", f"{_capital(name)} (the probe's `{field}`, a mean over its batches) is "
                           "compared with the same `threshold` as λ₁, with the same definitions. With momentum "
                           "that is not an established batch-sharpness threshold (agents/probes.py, "
                           "`Prober.probe`): expect a ratio near 1 only with large batches."]

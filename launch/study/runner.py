@@ -5,6 +5,7 @@ then the report. Also `eosrl study`'s command line. See docs/study.md.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shlex
 import shutil
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from eosrl.agents import checkpoint
-from eosrl.agents.config import ConfigError, load_config
+from eosrl.launch.config import ConfigError, load_config, save_config
 from eosrl.launch.lifeline import stop_on_signals
 from eosrl.launch.rundir import RunDir
 from eosrl.launch.study.report import report_rows, status_counts, write_report
@@ -33,15 +34,17 @@ def run_child(spec: RunSpec, resume: bool = False) -> Child:
 class Runner:
     """Runs specs as `eosrl train` subprocesses, K at once; stops them on request."""
 
-    def __init__(self, parallel: int = 1, echo=print):
+    def __init__(self, parallel: int = 1, echo=print, vmap_seeds: bool = False):
         self.parallel = max(1, int(parallel))
         self.echo = echo
+        self.vmap_seeds = vmap_seeds  # an offline cell's seeds as one `eosrl train --seed-runs` (seed_cells)
         self.results: Dict[str, RunResult] = {}
         self.stopping = threading.Event()
         self._children: Dict[str, Child] = {}  # spec key -> its run in flight
         self._lock = threading.Lock()
         self.done = 0
         self.total = 0
+        self.run_dirs: Dict[str, Path] = {}  # every planned run's, selected or not
         self.started = time.time()
 
     def _report(self, result: RunResult) -> None:
@@ -52,19 +55,26 @@ class Runner:
             self.echo(f"[{self.done}/{self.total}] {result.spec.key}: {describe(result)}  "
                       f"({elapsed:.1f} min elapsed)")
 
+    def _status(self, key: str) -> Optional[str]:
+        """How run `key` ended: in this invocation, or (a run `--only` left out) on disk."""
+        if key in self.results:
+            return self.results[key].status
+        return finished_status(self.run_dirs[key]) if key in self.run_dirs else None
+
     def run_stage(self, specs: List[RunSpec]) -> None:
         with ThreadPoolExecutor(max_workers=self.parallel) as pool:
-            futures = [pool.submit(self.execute, spec) for spec in specs]
+            futures = [pool.submit(self._execute_job, job) for job in (seed_cells(specs) if self.vmap_seeds else specs)]
             try:
                 for future in as_completed(futures):
-                    self._report(future.result())
+                    for result in future.result():
+                        self._report(result)
             except BaseException:
                 self.stop()
                 pool.shutdown(wait=True, cancel_futures=True)
                 for future in futures:  # keep what the stopped runs said, for the report
                     if future.done() and not future.cancelled() and future.exception() is None:
-                        result = future.result()
-                        self.results.setdefault(result.spec.key, result)
+                        for result in future.result():
+                            self.results.setdefault(result.spec.key, result)
                 raise
 
     def stop(self) -> None:
@@ -79,8 +89,7 @@ class Runner:
         status = finished_status(spec.run_dir)
         if status in FINISHED:
             return RunResult(spec, status, skipped=True)
-        blocked = [d for d in spec.deps if self.results.get(d) is None
-                   or self.results[d].status not in FINISHED]
+        blocked = [d for d in spec.deps if self._status(d) not in FINISHED]
         if blocked:
             return RunResult(spec, "blocked", note=f"needs {', '.join(blocked)}, which did not finish")
         if self.stopping.is_set():
@@ -115,6 +124,92 @@ class Runner:
             # Stopped by the study (a SIGTERM outside train's loop ends it without a record) or failed.
             status = "interrupted" if self.stopping.is_set() else "failed"
         return RunResult(spec, status, resumed=resume, returncode=returncode, seconds=seconds)
+
+
+    def _execute_job(self, job: RunSpec | List[RunSpec]) -> List[RunResult]:
+        return self.execute_cell(job) if isinstance(job, list) else [self.execute(job)]
+
+    def execute_cell(self, specs: List[RunSpec]) -> List[RunResult]:
+        """The seeds of one offline grid cell as one child, `eosrl train --seed-runs DIR ...`
+        (one vmapped program, launch/train_seeds.py): finished seeds are skipped, blocked
+        ones not run, unfinished ones with a checkpoint of their config resume and the
+        others start over, as `execute` treats a lone run. Its log is the first seed's
+        train.log; the others' name it."""
+        results: List[RunResult] = []
+        todo: List[RunSpec] = []
+        for spec in specs:
+            status = finished_status(spec.run_dir)
+            blocked = [d for d in spec.deps if self._status(d) not in FINISHED]
+            if status in FINISHED:
+                results.append(RunResult(spec, status, skipped=True))
+            elif blocked:
+                results.append(RunResult(spec, "blocked", note=f"needs {', '.join(blocked)}, which did not finish"))
+            elif self.stopping.is_set():
+                results.append(RunResult(spec, "not run", note="the study was stopped"))
+            else:
+                todo.append(spec)
+        if len(todo) < 2:
+            return results + [self.execute(spec) for spec in todo]
+        resumed = {spec.key: resumable(spec) for spec in todo}
+        for spec in todo:
+            if not resumed[spec.key]:
+                clear_unfinished(spec.run_dir)
+                spec.run_dir.mkdir(parents=True, exist_ok=True)
+                assert spec.config is not None  # seed_cells takes only runs with one
+                save_config(spec.config, spec.run_dir / "config.yaml")
+        first = todo[0]
+        child = Child(first.key, ["train", "--seed-runs", *(str(s.run_dir) for s in todo), "--no-progress"],
+                      first.run_dir / "train.log", cwd=ROOT)
+        for spec in todo:
+            with open(spec.run_dir / "train.log", "a" if resumed[spec.key] else "w") as log:
+                if spec is not first:
+                    log.write(f"--- eosrl study: runs with {', '.join(s.key for s in todo if s is not spec)} as one "
+                              f"vmapped program; its output: {first.run_dir / 'train.log'}\n")
+                elif any(resumed.values()):
+                    log.write(f"\n--- eosrl study: seeds {', '.join(str(s.seed) for s in todo)} together; "
+                              f"resuming {', '.join(s.key for s in todo if resumed[s.key])}\n")
+        start = time.time()
+        child.start()
+        with self._lock:
+            self._children[first.key] = child
+            self.echo(f"  started {', '.join(s.key for s in todo)} as one program  (log: {child.log})")
+        if self.stopping.is_set():  # stop() ran between the check above and start()
+            child.signal(signal.SIGTERM)
+        try:
+            child.wait()
+            returncode = child.poll()
+        finally:
+            with self._lock:
+                self._children.pop(first.key, None)
+        seconds = time.time() - start
+        for spec in todo:
+            status = finished_status(spec.run_dir)
+            if status not in FINISHED + ("interrupted",):
+                status = "interrupted" if self.stopping.is_set() else "failed"
+            results.append(RunResult(spec, status, resumed=resumed[spec.key], returncode=returncode,
+                                     seconds=seconds))
+        return results
+
+
+def seed_cells(specs: Sequence[RunSpec]) -> List[RunSpec | List[RunSpec]]:
+    """The stage's runs as jobs for `--vmap-seeds`: the seeds of each offline grid cell (runs
+    of one group whose configs differ only in run.seed and regime.dataset) as one list,
+    each other run alone; in the order of their first run."""
+    from eosrl.launch.train_seeds import check_together
+    cells: Dict[tuple, List[RunSpec]] = {}
+    for spec in specs:
+        offline = spec.seed is not None and spec.config is not None and spec.config.regime.mode == "offline"
+        cells.setdefault((spec.stage, spec.group) if offline else (spec.key,), []).append(spec)
+    jobs: List[RunSpec | List[RunSpec]] = []
+    for cell in cells.values():
+        together = len(cell) > 1
+        try:
+            if together:
+                check_together({int(s.seed or 0): s.config for s in cell})
+        except ValueError:
+            together = False
+        jobs += [cell] if together else cell
+    return jobs
 
 
 def resumable(spec: RunSpec) -> bool:
@@ -160,23 +255,40 @@ def describe(result: RunResult) -> str:
 # Entry points.
 
 
+def select(specs: Sequence[RunSpec], only: Sequence[str]) -> List[RunSpec]:
+    """The runs whose key (`STAGE/RUN`) matches one of the shell patterns `only` (all of them
+    when `only` is empty): how a long study runs in parts, e.g. `--only '*_seed-0'`."""
+    if not only:
+        return list(specs)
+    chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.key, pattern) for pattern in only)]
+    if not chosen:
+        raise StudyError(f"--only: {', '.join(only)} matches none of the study's runs "
+                         f"(keys are STAGE/RUN, e.g. {specs[0].key})")
+    return chosen
+
+
 def run_study(study_path: str | Path, parallel: int = 1, out: Optional[str | Path] = None,
-              dry_run: bool = False, echo=print) -> Dict[str, Any]:
+              dry_run: bool = False, echo=print, only: Sequence[str] = (), vmap_seeds: bool = False) -> Dict[str, Any]:
     """Runs (or resumes) the study and writes its report. Returns {study_dir, report,
-    rows, counts}; with `dry_run`, prints the plan and runs nothing (report None)."""
+    rows, counts}; with `dry_run`, prints the plan and runs nothing (report None). With
+    `only` (shell patterns of run keys) just the matching runs run; the report still
+    covers every run, those not yet run as "not run"."""
     study_path = Path(study_path)
     study = load_study(study_path)
     study_dir = Path(out) if out else Path("runs") / study["name"]
-    specs = plan_study(study, study_path, study_dir)
+    all_specs = plan_study(study, study_path, study_dir)
+    specs = select(all_specs, only)
     study_dir = study_dir.resolve()
     if dry_run:
         print_plan(specs, echo)
         return {"study_dir": str(study_dir), "report": None, "rows": [], "counts": {}}
     study_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(study_path, study_dir / "study.yaml")  # what ran, next to its results
-    runner = Runner(parallel, echo)
+    runner = Runner(parallel, echo, vmap_seeds=vmap_seeds)
     runner.total = len(specs)
-    echo(f"Study {study['name']}: {len(specs)} runs in {len(study['stages'])} stages, "
+    runner.run_dirs = {s.key: s.run_dir for s in all_specs}
+    part = f" ({len(specs)} of {len(all_specs)} selected by --only)" if only else ""
+    echo(f"Study {study['name']}: {len(specs)} runs in {len(study['stages'])} stages{part}, "
          f"{runner.parallel} at a time -> {study_dir}")
     interrupted = False
     try:
@@ -186,8 +298,8 @@ def run_study(study_path: str | Path, parallel: int = 1, out: Optional[str | Pat
     except KeyboardInterrupt:
         interrupted = True
         echo("Interrupted: running runs were stopped; run the study again to continue.")
-    report = write_report(study, study_path, study_dir, specs, runner.results)
-    rows = report_rows(specs, runner.results)
+    report = write_report(study, study_path, study_dir, all_specs, runner.results)
+    rows = report_rows(all_specs, runner.results)
     counts = status_counts(rows)
     echo(f"Report: {report}  ({', '.join(f'{n} {s}' for s, n in counts.items())})")
     return {"study_dir": str(study_dir), "report": str(report), "rows": rows, "counts": counts,
@@ -206,10 +318,12 @@ def print_plan(specs: Sequence[RunSpec], echo=print) -> None:
 def cmd_study(args) -> int:
     if args.parallel < 1:
         raise StudyError(f"--parallel: must be >= 1, got {args.parallel}")
-    result = run_study(args.study, parallel=args.parallel, out=args.out, dry_run=args.dry_run)
+    result = run_study(args.study, parallel=args.parallel, out=args.out, dry_run=args.dry_run,
+                       only=args.only or (), vmap_seeds=args.vmap_seeds)
     if result.get("interrupted"):
         return 130
-    bad = sum(n for s, n in result["counts"].items() if s not in FINISHED)
+    # With --only, the runs left out are "not run" by design, not a failure.
+    bad = sum(n for s, n in result["counts"].items() if s not in FINISHED + (("not run",) if args.only else ()))
     return 1 if bad else 0
 
 
@@ -225,6 +339,12 @@ def add_study_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, metavar="K",
                    help="runs of a stage at once (default 1; each run uses several cores)")
     p.add_argument("--out", metavar="DIR", help="study directory (default runs/<study name>)")
+    p.add_argument("--only", action="append", metavar="PATTERN",
+                   help="run only the runs whose key STAGE/RUN matches this shell pattern "
+                        "(repeatable), e.g. --only 'headline/*_seed-0': a long study in parts")
+    p.add_argument("--vmap-seeds", action="store_true",
+                   help="run the seeds of each offline grid cell as one vmapped program (one `eosrl train "
+                        "--seed-runs` child, each seed's run directory as if it ran alone): docs/study.md")
     p.add_argument("--dry-run", action="store_true",
                    help="check every run's config and print the plan and commands; run nothing")
     p.set_defaults(func=cmd_study)

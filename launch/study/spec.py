@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from eosrl.agents.config import Config, ConfigError, load_config, read_yaml
+from eosrl.launch.config import Config, ConfigError, load_config, read_yaml
 from eosrl.launch.rundir import RunDir, number, read_metrics, without_superseded
 
 ROOT = Path(__file__).resolve().parents[2]
