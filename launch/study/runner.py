@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from eosrl.agents import checkpoint
 from eosrl.launch.config import ConfigError, load_config, save_config
@@ -98,33 +98,40 @@ class Runner:
         if not resume:
             clear_unfinished(spec.run_dir)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
-        start = time.time()
         child = run_child(spec, resume)
         with open(child.log, "a" if resume else "w") as log:
             if resume:
                 log.write(f"\n--- eosrl study: resuming from {checkpoint.latest(spec.run_dir / 'checkpoints')}\n")
-        # Its own session, so a Ctrl-C meant for the study reaches runs only through stop();
-        # and it ends if the study is killed (launch/lifeline.py).
+        verb = "resumed" if resume else "started"
+        returncode, seconds = self._supervise(spec.key, child, f"  {verb} {spec.key}  (log: {spec.run_dir / 'train.log'})")
+        return RunResult(spec, self._ended(spec), resumed=resume, returncode=returncode, seconds=seconds)
+
+    def _supervise(self, key: str, child: Child, announce: str) -> Tuple[Optional[int], float]:
+        """Starts `child`, waits for it and returns (exit code, seconds). Its own session, so
+        a Ctrl-C meant for the study reaches runs only through stop(); and it ends if the
+        study is killed (launch/lifeline.py)."""
+        start = time.time()
         child.start()
         with self._lock:
-            self._children[spec.key] = child
-            verb = "resumed" if resume else "started"
-            self.echo(f"  {verb} {spec.key}  (log: {spec.run_dir / 'train.log'})")
-        if self.stopping.is_set():  # stop() ran between the check above and start()
+            self._children[key] = child
+            self.echo(announce)
+        if self.stopping.is_set():  # stop() ran between the caller's check and start()
             child.signal(signal.SIGTERM)
         try:
             child.wait()
             returncode = child.poll()
         finally:
             with self._lock:
-                self._children.pop(spec.key, None)
-        seconds = time.time() - start
+                self._children.pop(key, None)
+        return returncode, time.time() - start
+
+    def _ended(self, spec: RunSpec) -> str:
+        """How a run that this study ran ended."""
         status = finished_status(spec.run_dir)
         if status not in FINISHED + ("interrupted",):
             # Stopped by the study (a SIGTERM outside train's loop ends it without a record) or failed.
             status = "interrupted" if self.stopping.is_set() else "failed"
-        return RunResult(spec, status, resumed=resume, returncode=returncode, seconds=seconds)
-
+        return status
 
     def _execute_job(self, job: RunSpec | List[RunSpec]) -> List[RunResult]:
         return self.execute_cell(job) if isinstance(job, list) else [self.execute(job)]
@@ -168,25 +175,10 @@ class Runner:
                 elif any(resumed.values()):
                     log.write(f"\n--- eosrl study: seeds {', '.join(str(s.seed) for s in todo)} together; "
                               f"resuming {', '.join(s.key for s in todo if resumed[s.key])}\n")
-        start = time.time()
-        child.start()
-        with self._lock:
-            self._children[first.key] = child
-            self.echo(f"  started {', '.join(s.key for s in todo)} as one program  (log: {child.log})")
-        if self.stopping.is_set():  # stop() ran between the check above and start()
-            child.signal(signal.SIGTERM)
-        try:
-            child.wait()
-            returncode = child.poll()
-        finally:
-            with self._lock:
-                self._children.pop(first.key, None)
-        seconds = time.time() - start
+        returncode, seconds = self._supervise(
+            first.key, child, f"  started {', '.join(s.key for s in todo)} as one program  (log: {child.log})")
         for spec in todo:
-            status = finished_status(spec.run_dir)
-            if status not in FINISHED + ("interrupted",):
-                status = "interrupted" if self.stopping.is_set() else "failed"
-            results.append(RunResult(spec, status, resumed=resumed[spec.key], returncode=returncode,
+            results.append(RunResult(spec, self._ended(spec), resumed=resumed[spec.key], returncode=returncode,
                                      seconds=seconds))
         return results
 
