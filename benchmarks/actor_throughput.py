@@ -33,7 +33,7 @@ from eosrl.agents.actor import EpsilonGreedy  # noqa: E402
 from eosrl.launch.config import load_config  # noqa: E402
 from eosrl.envs.factory import make_env  # noqa: E402
 from eosrl.launch.channels import ParamsChannel, connect, inserted_steps  # noqa: E402
-from eosrl.agents.builder import Builder  # noqa: E402
+from eosrl.launch.builder import Builder  # noqa: E402
 from benchmarks import record  # noqa: E402
 
 

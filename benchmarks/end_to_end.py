@@ -29,7 +29,7 @@ def bare_update(config_path: str, updates: int = 1000) -> float:
     """Updates/s of the config's jitted update on one pre-made batch, in this process."""
     import jax
     import numpy as np
-    from eosrl.agents.builder import Builder
+    from eosrl.launch.builder import Builder
     from eosrl.launch.config import load_config
     builder = Builder(load_config(config_path))
     learner = builder.make_learner()

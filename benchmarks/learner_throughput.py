@@ -22,7 +22,7 @@ import reverb  # noqa: E402
 
 from eosrl.agents import replay  # noqa: E402
 from eosrl.launch.config import load_config  # noqa: E402
-from eosrl.agents.builder import Builder  # noqa: E402
+from eosrl.launch.builder import Builder  # noqa: E402
 from benchmarks import record  # noqa: E402
 
 CONFIGS = {"minatar": "configs/dqn_minatar_breakout.yaml", "atari": "configs/dqn_atari_pong.yaml"}

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eosrl.agents.builder import Builder  # noqa: E402
+from eosrl.launch.builder import Builder  # noqa: E402
 from eosrl.launch.config import load_config  # noqa: E402
 from eosrl.agents.dataset import DatasetWriter  # noqa: E402
 from eosrl.launch.rundir import read_metrics  # noqa: E402

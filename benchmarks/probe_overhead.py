@@ -68,7 +68,7 @@ def cold_start_hvps(run_dir: Path) -> Dict:
     tolerance, and one with 30 Lanczos steps (the old default protocol) for reference."""
     import numpy as np
     from eosrl.agents import checkpoint
-    from eosrl.agents.builder import Builder
+    from eosrl.launch.builder import Builder
     from eosrl.launch.config import load_config
     from eosrl.agents.probes import Prober
     from eosrl.launch.prober import load_probe_batch

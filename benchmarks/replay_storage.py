@@ -27,7 +27,7 @@ import reverb  # noqa: E402
 from eosrl.agents import replay  # noqa: E402
 from eosrl.launch.config import load_config  # noqa: E402
 from eosrl.envs.factory import make_env  # noqa: E402
-from eosrl.agents.builder import Builder  # noqa: E402
+from eosrl.launch.builder import Builder  # noqa: E402
 from benchmarks import record  # noqa: E402
 
 FRAME_BYTES = 84 * 84

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from eosrl.agents.builder import Builder  # noqa: E402
+from eosrl.launch.builder import Builder  # noqa: E402
 from eosrl.launch.config import load_config  # noqa: E402
 from eosrl.agents.learner import make_loss_fn  # noqa: E402
 from eosrl.agents.optimizers import make_optimizer  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 from eosrl.launch.config import Config
 from eosrl.envs.scores import human_normalized_score
 from eosrl.launch.rundir import MetricsWriter, RunDir
-from eosrl.agents.builder import EVALUATE_COMMAND_SEED_OFFSET, Builder
+from eosrl.launch.builder import EVALUATE_COMMAND_SEED_OFFSET, Builder
 
 
 def save_gif(frames, path: str | Path, fps: int = 30) -> None:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Generic, List, Optional, Protocol, Sequence, Tuple, TypeVar
 
-from eosrl.agents.builder import Builder, actor_shares
+from eosrl.launch.builder import Builder, actor_shares
 from eosrl.launch.config import Config
 from eosrl.launch.progress import progress_bar
 from eosrl.launch.resume import env_step_offset

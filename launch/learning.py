@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eosrl.agents import checkpoint, layout
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.agents.learner import UpdateMetrics, WindowMetrics
 from eosrl.launch import resume
 from eosrl.launch.loss_traces import LossTraces

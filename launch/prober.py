@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from eosrl.agents import replay
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.launch.config import Config
 from eosrl.agents.learner import make_loss_fn, make_objective_fn
 from eosrl.agents.probes import Prober, draw_sharpness_batches

@@ -11,7 +11,7 @@
   prober         measures the probe snapshots the learner queues (`probe.mode:
                  process`, launch/prober.py) while the learner keeps learning
 
-Every part comes from the same `Builder` (agents/builder.py) that `eosrl train`
+Every part comes from the same `Builder` (launch/builder.py) that `eosrl train`
 uses; only the data path (Reverb over gRPC) and the parameter path (the
 `params` table) differ. SIGTERM and Ctrl-C end every role cleanly.
 """
@@ -25,7 +25,7 @@ import jax
 import reverb
 
 from eosrl.agents import replay
-from eosrl.agents.builder import Builder, actor_shares
+from eosrl.launch.builder import Builder, actor_shares
 from eosrl.launch.config import Config
 from eosrl.launch import resume
 from eosrl.launch.channels import (ParamsChannel, SnapshotQueue, connect, inserted_steps,

@@ -7,7 +7,7 @@ the updates the run's `Schedule` says are due, and evaluates in-process where
 the distributed run has an evaluator role. Offline, there is no actor and no
 Reverb: the dataset is loaded once onto the device (agents/offline.py) and the
 loop runs `run.total_updates` as fused updates that draw their own batches.
-Everything is built by agents/builder.py.
+Everything is built by launch/builder.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from eosrl.agents import offline
 from eosrl.agents.actor import Actor
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.launch.config import Config, save_config
 from eosrl.launch import resume as resume_lib
 from eosrl.launch.learning import LearnerLoop, all_finite

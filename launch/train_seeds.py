@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from eosrl.agents import offline
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.agents.seeds import SeedBatch
 from eosrl.launch.lifeline import stop_on_signals
 from eosrl.launch.progress import progress_bar

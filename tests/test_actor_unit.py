@@ -171,7 +171,7 @@ def test_evaluate_video_gif_has_one_frame_per_step_of_the_first_episode(tmp_path
         assert render_mode == "rgb_array" and not training
         made.append(ScriptedEnv(script, obs_dim=4))
         return made[-1]
-    import eosrl.agents.builder as builder  # evaluate makes its env through the Builder
+    import eosrl.launch.builder as builder  # evaluate makes its env through the Builder
     monkeypatch.setattr(builder, "make_env", fake_make_env)
     video = tmp_path / "out" / "episode.gif"
     record = evaluate.evaluate_checkpoint(config, ckpt, None, episodes=2, epsilon=0.0, video=str(video))

@@ -144,7 +144,7 @@ def test_learner_death_stops_run_with_message(tmp_path):
 
 def _template():
     from eosrl.launch.config import load_config
-    from eosrl.agents.builder import Builder
+    from eosrl.launch.builder import Builder
     learner = Builder(load_config(CONFIGS / "dqn_cartpole.yaml")).make_learner()
     return {"learner": learner.state, "extra": {}}
 

@@ -56,7 +56,7 @@ def _moments(tree):
 def pins(name):
     """Digests of the learner state after UPDATES updates on fixed batches."""
     from eosrl.launch.config import load_config
-    from eosrl.agents.builder import Builder
+    from eosrl.launch.builder import Builder
     config_file, overrides = CASES[name]
     parts = Builder(load_config(CONFIGS / config_file, overrides))
     learner = parts.make_learner()

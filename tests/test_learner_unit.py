@@ -183,7 +183,7 @@ def test_linear_epsilon_at_start_half_end_beyond_and_zero_decay():
 
 def test_apex_actor_epsilons_follow_the_ape_x_formula():
     """Breaks if ε_i is not 0.4^(1 + 7 i/(N−1)) (exponent, spread or base), or varies with steps."""
-    from eosrl.agents.builder import Builder  # actor i's ε (launch.roles.actor_epsilon before issue 13)
+    from eosrl.launch.builder import Builder  # actor i's ε (launch.roles.actor_epsilon before issue 13)
 
     def actor_epsilon(config, actor_id, num_actors):
         return Builder(config).epsilon(actor_id, num_actors)

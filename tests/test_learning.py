@@ -11,7 +11,7 @@ import pytest
 from eosrl.launch.config import load_config
 from conftest import CONFIGS, ROOT
 from eosrl.launch.rundir import read_metrics
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.launch.train import train
 
 # Learning, launches and studies take seconds to minutes each: `make test-fast` leaves them out.

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import CONFIGS, random_items
 from eosrl.agents import offline
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.launch.config import ConfigError, load_config
 from eosrl.launch.loss_traces import LossTraces, read_losses
 from eosrl.launch.rundir import read_metrics

@@ -12,7 +12,7 @@ import reverb
 
 from conftest import CONFIGS
 from eosrl.agents import offline, replay
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.launch.config import load_config
 from eosrl.agents.dataset import DatasetError, DatasetWriter
 from eosrl.launch.rundir import read_metrics

@@ -8,7 +8,7 @@ from eosrl.launch.config import load_config
 from conftest import CONFIGS
 from eosrl.launch.plot import plot_runs
 from eosrl.launch.rundir import read_metrics
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.launch.train import train
 
 # Learning, launches and studies take seconds to minutes each: `make test-fast` leaves them out.

@@ -14,7 +14,7 @@ import pytest
 from conftest import CONFIGS, ROOT, random_items
 from processes import eosrl, events, kill_launch, pids, wait_for
 from eosrl.agents import checkpoint
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.launch.config import load_config
 from eosrl.agents.probes import Prober
 from eosrl.launch.learning import LearnerLoop

@@ -450,7 +450,7 @@ def test_learner_loop_writes_batch_sharpness_records(tmp_path, figure_axes):
     """An inline run of the learner loop with probe.batch_sharpness_batches: 2: its `probe`
     records carry the new fields, finite, measured on fresh batches of replay.batch_size."""
     from conftest import CONFIGS, random_items
-    from eosrl.agents.builder import Builder
+    from eosrl.launch.builder import Builder
     from eosrl.launch.config import load_config
     from eosrl.launch.learning import LearnerLoop
     from eosrl.launch.rundir import MetricsWriter, RunDir, read_metrics

@@ -278,7 +278,7 @@ def tiny_dataset(count: int, seed: int = 0):
     """A `DeviceDataset` of `count` items of random CartPole transitions, and a learner for it."""
     from conftest import CONFIGS, random_items
     from eosrl.agents import offline
-    from eosrl.agents.builder import Builder
+    from eosrl.launch.builder import Builder
     from eosrl.launch.config import load_config
     config = load_config(CONFIGS / "dqn_cartpole.yaml", ["agent.hidden_sizes=[8, 8]", "agent.optimizer.name=sgd",
                                                          "agent.optimizer.lr=0.01"])

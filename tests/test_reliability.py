@@ -366,7 +366,7 @@ def _warmup_dataset(tmp_path, name, seed):
 
 @pytest.mark.slow
 def test_same_seed_gives_the_same_run_up_to_the_first_sampled_batch(tmp_path):
-    from eosrl.agents.builder import Builder
+    from eosrl.launch.builder import Builder
     frames_a, rows_a = _warmup_dataset(tmp_path, "a", seed=3)
     frames_b, rows_b = _warmup_dataset(tmp_path, "b", seed=3)
     frames_c, _ = _warmup_dataset(tmp_path, "c", seed=4)

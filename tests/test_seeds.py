@@ -12,7 +12,7 @@ import pytest
 
 from conftest import CONFIGS
 from eosrl.agents import offline
-from eosrl.agents.builder import Builder
+from eosrl.launch.builder import Builder
 from eosrl.agents.dataset import DatasetWriter
 from eosrl.agents.seeds import SeedBatch
 from eosrl.launch.config import load_config

@@ -11,7 +11,7 @@ import reverb
 from conftest import CONFIGS
 from eosrl.agents import networks, replay
 from eosrl.agents.actor import Actor, VectorActor, linear_epsilon
-from eosrl.agents.builder import Builder, actor_seed
+from eosrl.launch.builder import Builder, actor_seed
 from eosrl.agents.config import AgentConfig, ConfigError
 from eosrl.launch.config import load_config
 from eosrl.envs.factory import make_env
@@ -196,7 +196,7 @@ def test_env_seeds_and_apex_epsilons_are_those_of_the_single_env_actors(monkeypa
                          ["distributed.actor_epsilon=apex", "distributed.envs_per_actor=4"])
     single = load_config(CONFIGS / "dqn_cartpole.yaml", ["distributed.actor_epsilon=apex"])
     made = []
-    import eosrl.agents.builder as builder_module
+    import eosrl.launch.builder as builder_module
     monkeypatch.setattr(builder_module, "make_env", lambda env, seed, training=True: made.append(seed) or seed)
     monkeypatch.setattr(builder_module, "VectorActor", lambda envs, *args, **kwargs: (envs, args, kwargs))
     builder = Builder(config)

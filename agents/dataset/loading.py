@@ -1,6 +1,6 @@
 """Loading a dataset into replay: `replay_into` pushes its (selected, possibly
 corrupted) transitions through an `Adder` (agents/types.py), which is how the
-offline regimes fill the replay table (agents/builder.py, `Builder.load_dataset`).
+offline regimes fill the replay table (launch/builder.py, `Builder.load_dataset`).
 """
 from __future__ import annotations
 

@@ -19,15 +19,12 @@ from eosrl.agents.config import parse_subset
 from eosrl.agents.learner import Learner
 from eosrl.agents.types import Adder
 from eosrl.envs.factory import env_spec, make_env
+from eosrl.launch.config import Config
 
 if TYPE_CHECKING:  # Reverb only where a table or an adder is made: the offline device path runs without it
     import reverb
 
     from eosrl.agents import replay
-
-# The whole experiment's config, `eosrl.launch.config.Config`: the layer above this one, so
-# named here and not imported (agents/ never imports launch/; tests/test_structure.py).
-ExperimentConfig = Any
 
 # Seed offsets: every env of a run has its own stream, all derived from run.seed.
 EVALUATOR_SEED_OFFSET = 10_000
@@ -52,7 +49,7 @@ class Schedule:
     `run.total_updates`. Periods of logs, evaluations and checkpoints count env
     steps online and updates offline; `clock_unit` converts them into updates."""
 
-    def __init__(self, config: ExperimentConfig, preloaded: int):
+    def __init__(self, config: Config, preloaded: int):
         self.config, self.preloaded = config, preloaded
         self.offline = config.regime.mode == "offline"
         self.period = config.replay.update_period
@@ -103,7 +100,7 @@ def actor_shares(total_env_steps: int, done: int, num_actors: int) -> List[Tuple
 class Builder:
     """Every part of a run (any agent kind), built from one config."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: Config):
         self.config = config
         self.spec = env_spec(config.env)
         self.network = networks.make_network(config.agent, config.env.kind,
