@@ -298,6 +298,19 @@ def _as_vector(update: Callable, index: Dict[str, int]) -> Callable:
     return vector_update
 
 
+def make_sampled_update(objective_fn: Callable, optimizer: optax.GradientTransformation, agent: AgentConfig,
+                        preprocess: Callable[[Any], Transition], sample_items: Callable[[Any, jax.Array], Any],
+                        index: Dict[str, int]) -> Callable:
+    """update(state, data) -> (new state, metric vector): one update (`make_update_fn`) on
+    the batch it draws from `data` (`make_sampling_update`), its metrics one vector whose
+    entries `index` names (`_as_vector`). A learner builds it once from its optimiser; the
+    multi-run program builds it inside the traced function from an optimiser whose
+    learning rate is an argument, so runs of different step sizes share one program
+    (`Learner.accumulated_step_at`, agents/seeds.py)."""
+    update = make_update_fn(objective_fn, optimizer, agent, preprocess)
+    return _as_vector(make_sampling_update(update, sample_items), index)
+
+
 class Learner:
     """Holds the learner state and applies the jitted update to it. With `sample_items`
     (data, key -> raw batch) it can also `run` fused updates that draw their batches."""
@@ -322,9 +335,11 @@ class Learner:
         self._metric_index: Dict[str, int] = {}  # filled when the update is traced
         update = make_update_fn(self.objective_fn, self.optimizer, agent, preprocess)
         self._update = jax.jit(_as_vector(update, self._metric_index))
+        self._sample_items = sample_items
         self._sampled: Optional[Callable] = None
         if sample_items is not None:
-            self._sampled = _as_vector(make_sampling_update(update, sample_items), self._metric_index)
+            self._sampled = make_sampled_update(self.objective_fn, self.optimizer, agent, preprocess, sample_items,
+                                                self._metric_index)
             step = accumulate(self._sampled, self._metric_index)
             self.accumulated_step = step  # unjitted: the multi-seed runner vmaps it (agents/seeds.py)
             self._fused_step = jax.jit(step)
@@ -366,6 +381,17 @@ class Learner:
             window.losses = np.asarray(jax.device_get(lasts)).reshape(-1, len(self._metric_index))[
                 :window.count, self._metric_index["loss"]]
         return window
+
+    def accumulated_step_at(self, lr: jax.Array) -> Callable:
+        """`accumulated_step` with the learning rate `lr` (a traced scalar) in place of
+        agent.optimizer.lr: the same function of the same state, the optimiser's state
+        included (its rate is no part of it), so the multi-run program vmaps runs that
+        differ in step size over their `lr` (agents/seeds.py). Call it inside the traced
+        function: the optimiser is built from the tracer."""
+        assert self._sample_items is not None, "a Learner made without sample_items cannot run on data"
+        sampled = make_sampled_update(self.objective_fn, make_optimizer(self.agent.optimizer, lr), self.agent,
+                                      self.preprocess, self._sample_items, self._metric_index)
+        return accumulate(sampled, self._metric_index)
 
     def metric_size(self, data) -> int:
         """The entries of an update's metric vector (tracing the sampling update once)."""

@@ -1,4 +1,5 @@
-"""Several seeds of one offline config as one program (PureJaxRL's `vmap(make_train(config))(rngs)`).
+"""Several seeds (and step sizes) of one offline config as one program (PureJaxRL's
+`vmap(make_train(config))(rngs)`).
 
 The learners of one config that differ only in `run.seed` share their update function:
 it closes over the network, the agent config, the optimiser and the sampler, none of
@@ -11,9 +12,18 @@ array for all seeds, or one per seed where the seed picks the subset or corrupti
 After the segment each learner `adopt`s its slice, so everything on the host (records,
 probes, checkpoints: launch/train_seeds.py) happens per seed as in a lone run.
 
-Only the seed may differ. Step sizes (`agent.optimizer.lr`) would need the optimiser's
-rate as an argument of the update (optax.inject_hyperparams) rather than a constant it
-closes over; that is not done here, so a grid over lr still runs one program per lr.
+Learners may also differ in their step size, `agent.optimizer.lr`, which a lone run's
+update closes over as a constant. Then each one's lr is an argument of the vmapped step
+(`step_sizes`, in_axes 0), and the step builds its optimiser from it inside the traced
+function (`Learner.accumulated_step_at`): the same optax transformation, so the same
+optimiser state as a lone run's (its checkpoints, and the probes that read the momentum
+buffer, see no difference), which optax.inject_hyperparams, keeping the rate in the
+state, would change. On the CPU the traced rate gives the constant's floats bit for bit
+(tests/test_seeds.py) but for a linear schedule, where optax subtracts lr_end from it in
+float32 rather than from the constant in float64 (a last-bit difference in the rate), so
+learners that share one lr keep the lone run's step, closing over it. A step-size rule
+(`agent.optimizer.step_size_rule`) computes η_t from lr within the update, so there the
+lrs must agree (`step_sizes` refuses).
 
 On the CPU the segment is K dispatches of the vmapped step (as `Learner.run` there,
 `fuse` says why); elsewhere one vmapped `lax.scan`. No Reverb and no TensorFlow are
@@ -21,6 +31,7 @@ imported on this path (tests/test_seeds.py).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -53,8 +64,24 @@ def stack_datasets(datasets: Sequence[DeviceDataset]) -> DeviceDataset:
     return DeviceDataset(jnp.stack(padded), jnp.stack([d.starts for d in datasets]), layout)
 
 
+def step_sizes(learners: Sequence[Learner]) -> Optional[jax.Array]:
+    """The learners' `agent.optimizer.lr`s ([S] float32), the argument their vmapped step
+    takes, or None where they share one (the step then closes over it as a lone run's
+    does). Refuses different lrs under a step-size rule, which computes each update's
+    step size from lr in the update it closes over (agents/step_sizes.py)."""
+    optimizers = [learner.agent.optimizer for learner in learners]
+    lrs = [optimizer.lr for optimizer in optimizers]
+    if len(set(lrs)) == 1:
+        return None
+    if optimizers[0].step_size_rule != "constant":
+        raise ValueError(f"agent.optimizer.lr: {', '.join(map(str, lrs))} under agent.optimizer.step_size_rule "
+                         f"{optimizers[0].step_size_rule}, which sets each step size from lr: run one lr at a time")
+    return jnp.asarray(lrs, jnp.float32)
+
+
 class SeedBatch:
-    """The learners of one config with different seeds, run together as one vmapped program.
+    """The learners of one config with different seeds (and step sizes), run together as one
+    vmapped program.
 
     `data` is one `DeviceDataset` all seeds draw from, or one per learner (stacked here).
     `run(count, members)` makes `count` updates on the learners `members` (indices; all
@@ -67,21 +94,31 @@ class SeedBatch:
         self._data: List[DeviceDataset] = [data] * len(self.learners) if isinstance(data, DeviceDataset) else list(data)
         if len(self._data) != len(self.learners):
             raise ValueError(f"{len(self._data)} datasets for {len(self.learners)} learners")
+        self._lrs = step_sizes(self.learners)
         for learner, own in zip(self.learners, self._data):  # traces each learner's update once: its metric names
             learner.metric_size(own)
-        step = self.learners[0].accumulated_step  # the same function for every seed (module docstring)
-        axes = (0, 0, None if self._shared else 0)
+        lead = self.learners[0]
+
+        def step(state, summary, data, lr):  # one learner's: the same function for all (module docstring)
+            own = lead.accumulated_step if lr is None else lead.accumulated_step_at(lr)
+            return own(state, summary, data)
+
+        axes = (0, 0, None if self._shared else 0, None if self._lrs is None else 0)
         self._step = jax.jit(jax.vmap(step, in_axes=axes))
-        self._scan = self._vmapped(fuse(step), axes)
-        self._scan_traced = self._vmapped(fuse_traced(step), axes)  # compiled when a loss trace needs it
+        self._scan = self._vmapped(fuse, step, axes)
+        self._scan_traced = self._vmapped(fuse_traced, step, axes)  # compiled when a loss trace needs it
         self.scan = jax.default_backend() != "cpu"  # as Learner.run: `fuse` says why
         self._stacked: Dict[Tuple[int, ...], DeviceDataset] = {}
 
     @staticmethod
-    def _vmapped(fused, axes):
-        """`fused(state, summary, data, length)` vmapped over the seeds, jitted per `length`."""
-        return jax.jit(lambda state, summary, data, length: jax.vmap(
-            lambda s, m, d: fused(s, m, d, length), in_axes=axes)(state, summary, data), static_argnums=3)
+    def _vmapped(fuser, step, axes):
+        """`fuser(step)(state, summary, data, length)` (`fuse` or `fuse_traced`), each learner's
+        step at its own lr, vmapped over the learners and jitted per `length`."""
+        def fused(state, summary, data, lrs, length):
+            def one(s, m, d, lr):
+                return fuser(functools.partial(step, lr=lr))(s, m, d, length)
+            return jax.vmap(one, in_axes=axes)(state, summary, data, lrs)
+        return jax.jit(fused, static_argnums=4)
 
     def _members_data(self, members: Tuple[int, ...]) -> DeviceDataset:
         if self._shared:
@@ -104,13 +141,14 @@ class SeedBatch:
         size = learners[0].metric_size(self._data[members[0]])
         state = stack([learner.state for learner in learners])
         summary = stack([empty_summary(size)] * len(learners))
+        lrs = None if self._lrs is None else self._lrs[np.asarray(members)]
         if self.scan and any(want):
-            state, summary, traced = self._scan_traced(state, summary, data, int(count))  # [S, K, M]
+            state, summary, traced = self._scan_traced(state, summary, data, lrs, int(count))  # [S, K, M]
         elif self.scan:
-            state, summary = self._scan(state, summary, data, int(count))
+            state, summary = self._scan(state, summary, data, lrs, int(count))
         else:
             for _ in range(int(count)):  # dispatched without waiting; read once below
-                state, summary = self._step(state, summary, data)
+                state, summary = self._step(state, summary, data, lrs)
                 if any(want):
                     traced.append(summary.last)  # [S, M]
         host = jax.device_get(summary._asdict())  # one copy for all the seeds
@@ -126,4 +164,4 @@ class SeedBatch:
         return windows
 
 
-__all__ = ["SeedBatch", "stack", "stack_datasets", "unstack"]
+__all__ = ["SeedBatch", "stack", "stack_datasets", "step_sizes", "unstack"]

@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
 
 def _train_seeds(args) -> int:
     """`eosrl train CONFIG --seeds 0,1,2` or `eosrl train --seed-runs DIR ...`: offline
-    seeds as one vmapped program (launch/train_seeds.py)."""
+    seeds (and, with --seed-runs, step sizes) as one vmapped program (launch/train_seeds.py)."""
     from eosrl.launch.rundir import route_native_logs
     from eosrl.launch.summary import print_summary
     from eosrl.launch.train_seeds import runs_of_args, train_seeds
@@ -363,8 +363,9 @@ def _add_run_commands(sub) -> None:
                         "RUN_DIR_seed-<s> as if it ran alone (docs/design.md, 'Seeds as one program')")
     p.add_argument("--seed-runs", nargs="+", metavar="RUN_DIR",
                    help="offline only: run these run directories (each holding its config.yaml, which may "
-                        "differ only in run.seed and regime.dataset) as one vmapped program; those with a "
-                        "checkpoint resume from it, the others start (how a study runs a cell, --vmap-seeds)"),
+                        "differ only in run.seed, regime.dataset and agent.optimizer.lr) as one vmapped "
+                        "program; those with a checkpoint resume from it, the others start (how a study runs "
+                        "a cell, --vmap-seeds)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("launch", help="distributed run: replay server, actors, learner, evaluator as processes",

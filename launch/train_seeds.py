@@ -1,14 +1,17 @@
 """`eosrl train --seeds`: the seeds of one offline config as one vmapped program, each
-seed's run directory written as if it had run alone.
+seed's run directory written as if it had run alone; `eosrl train --seed-runs DIR ...`:
+the runs in DIR ..., whose configs may also differ in `regime.dataset` and the step
+size `agent.optimizer.lr` (`check_together`), likewise.
 
-Each seed is a lone offline run's parts (launch/train.py's `_Run`: its Builder, run
+Each run is a lone offline run's parts (launch/train.py's `_Run`: its Builder, run
 directory, metrics, LearnerLoop with its own Prober and warm-start vectors, evaluator
 and checkpoints), with `run.seed` set to the seed. Only the updates are shared: between
 two moments the host must act (a `train` record, a probe, an evaluation, a
-checkpoint; the same updates for every seed, since only the seed differs) one
-`SeedBatch` program (agents/seeds.py) makes every seed's updates, each drawing its
-batches with its own key; then each seed's loop does what is due, in its own run
-directory, as its lone run would at that update (`LearnerLoop.after_run`).
+checkpoint; the same updates for every run, since neither the seed, the dataset nor
+the step size moves them) one `SeedBatch` program (agents/seeds.py) makes every run's
+updates, each drawing its batches with its own key, at its own lr; then each run's
+loop does what is due, in its own run directory, as its lone run would at that update
+(`LearnerLoop.after_run`; a probe's threshold from that run's lr).
 
 Seeds that resume from checkpoints of different updates catch up one segment at a
 time: each program runs the seeds furthest behind to the next host step, until all
@@ -29,7 +32,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Container, Dict, Hashable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from eosrl.agents import offline
 from eosrl.launch.builder import Builder
@@ -62,39 +65,41 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
-def runs_of_args(args: Any, load: Callable[[Path], Any],
-                 delete_run: Callable[[Path], None]) -> Tuple[Dict[int, Any], Dict[int, Path], Set[int]]:
-    """(configs, run dirs, seeds that resume) of `eosrl train CONFIG --seeds 0,1,2 [--run-dir
-    DIR] [--overwrite]` (new runs in DIR_seed-<s>) or `eosrl train --seed-runs DIR ...`
-    (each DIR holding its config.yaml; those with a checkpoint resume, the others start).
-    `load(path)`: the checked config; `delete_run(path)`: what --overwrite does. Raises
-    ValueError with the message for the user."""
+def runs_of_args(args: Any, load: Callable[[Path], Any], delete_run: Callable[[Path], None]
+                 ) -> Tuple[Dict[Hashable, Any], Dict[Hashable, Path], Set[Hashable]]:
+    """(configs, run dirs, runs that resume), each keyed by run, of `eosrl train CONFIG --seeds
+    0,1,2 [--run-dir DIR] [--overwrite]` (new runs in DIR_seed-<s>, keyed by seed) or `eosrl
+    train --seed-runs DIR ...` (each DIR holding its config.yaml; those with a checkpoint
+    resume, the others start; keyed by DIR: runs of one seed with different step sizes
+    can run together). `load(path)`: the checked config; `delete_run(path)`: what
+    --overwrite does. Raises ValueError with the message for the user."""
     from eosrl.agents import checkpoint
     from eosrl.launch.resume import item_layout_problem
-    configs: Dict[int, Any] = {}
-    runs: Dict[int, Path] = {}
-    resume: Set[int] = set()
+    configs: Dict[Hashable, Any] = {}
+    runs: Dict[Hashable, Path] = {}
+    resume: Set[Hashable] = set()
     if args.seed_runs:
         if args.config or args.seeds is not None or args.run_dir:
             raise ValueError("--seed-runs: each run directory holds its config.yaml; give no CONFIG, --seeds "
                              "or --run-dir")
+        given: Dict[Path, Path] = {}  # each directory as resolved -> as given
         for path in map(Path, args.seed_runs):
+            if path.resolve() in given:
+                raise ValueError(f"--seed-runs: {path} and {given[path.resolve()]} are one run directory")
+            given[path.resolve()] = path
             run_dir = RunDir(path)
             if not run_dir.config.is_file():
                 raise ValueError(f"--seed-runs {path}: no config.yaml there")
             config = load(run_dir.config)
-            if config.run.seed in configs:
-                raise ValueError(f"--seed-runs: {path} and {runs[config.run.seed]} have one run.seed, "
-                                 f"{config.run.seed}")
             latest = checkpoint.latest(run_dir.checkpoints)
             if latest is not None:
                 problem = item_layout_problem(checkpoint.read_meta(latest))
                 if problem is not None:
                     raise ValueError(f"--seed-runs {path}: checkpoint {latest.name}: {problem}")
-                resume.add(config.run.seed)
+                resume.add(path)
             elif run_dir.metrics.exists():
                 raise ValueError(f"--seed-runs {path}: holds records but no checkpoint to resume from")
-            configs[config.run.seed], runs[config.run.seed] = config, path
+            configs[path], runs[path] = config, path
     else:
         if not args.config:
             raise ValueError("train --seeds: give a CONFIG file")
@@ -124,22 +129,35 @@ def own_datasets(configs: Sequence[Any]) -> bool:
             or len({str(c.regime.dataset) for c in configs}) > 1)
 
 
-def check_together(configs: Dict[int, Any]) -> None:
-    """Refuses configs that cannot run as one program: not offline, a seed that is not
-    its config's `run.seed`, or configs that differ in more than the seed and the dataset."""
-    first = next(iter(configs.values()))
-    if first.regime.mode != "offline":
-        raise ValueError("several seeds as one program: only offline runs (regime.mode: offline)")
+def shared_part(config: Any) -> Any:
+    """What the configs of runs in one program must agree on: all but `run.seed`,
+    `regime.dataset` and `agent.optimizer.lr` (blanked here), or all but the first two
+    under a step-size rule, which computes each step size from lr within the update
+    (agents/seeds.py)."""
+    optimizer = config.agent.optimizer
+    if optimizer.step_size_rule == "constant":
+        optimizer = dataclasses.replace(optimizer, lr=0.0)
+    return dataclasses.replace(seed_config(config, 0), regime=dataclasses.replace(config.regime, dataset=""),
+                               agent=dataclasses.replace(config.agent, optimizer=optimizer))
 
-    def rest(config):  # what must agree
-        return dataclasses.replace(seed_config(config, 0),
-                                   regime=dataclasses.replace(config.regime, dataset=first.regime.dataset))
-    for seed, config in configs.items():
-        if config.run.seed != seed:
-            raise ValueError(f"seed {seed}: its config has run.seed={config.run.seed}")
-        if rest(config) != rest(first):
-            raise ValueError(f"seed {seed}: its config differs from seed {first.run.seed}'s in more than "
-                             f"run.seed and regime.dataset; run them apart")
+
+def check_together(configs: Mapping[Hashable, Any]) -> None:
+    """Refuses configs {run: config} that cannot run as one program: not offline, or
+    configs that differ in more than `run.seed`, `regime.dataset` and `agent.optimizer.lr`
+    (or in lr under a step-size rule)."""
+    first_run, first = next(iter(configs.items()))
+    if first.regime.mode != "offline":
+        raise ValueError("several runs as one program: only offline runs (regime.mode: offline)")
+    rule = first.agent.optimizer.step_size_rule
+    for run, config in configs.items():
+        optimizer = config.agent.optimizer
+        if rule != "constant" and optimizer.step_size_rule == rule and optimizer.lr != first.agent.optimizer.lr:
+            raise ValueError(f"run {run}: its agent.optimizer.lr differs from run {first_run}'s under "
+                             f"agent.optimizer.step_size_rule {rule}, which sets each step size from lr; run "
+                             f"one lr at a time")
+        if shared_part(config) != shared_part(first):
+            raise ValueError(f"run {run}: its config differs from run {first_run}'s in more than run.seed, "
+                             f"regime.dataset and agent.optimizer.lr; run them apart")
 
 
 def check_fits(builders: Sequence[Builder], own: bool) -> None:
@@ -154,44 +172,46 @@ def check_fits(builders: Sequence[Builder], own: bool) -> None:
         free, where = offline.available_bytes()
         if needed > free:
             raise DatasetError(
-                f"{builders[0].config.regime.dataset}: {len(builders)} seeds each with their own data on the "
+                f"{builders[0].config.regime.dataset}: {len(builders)} runs each with their own data on the "
                 f"device (regime.subset random, corruption or datasets of their own) need {needed / 1e9:.2f} GB, "
-                f"more than the {free / 1e9:.2f} GB of {where}; run fewer seeds at once")
+                f"more than the {free / 1e9:.2f} GB of {where}; run fewer at once")
 
 
-def train_seeds(config: Any, runs: Mapping[int, str | Path], resume: Container[int] = (),
-                progress: bool = True, tensorboard: Optional[bool] = None) -> Dict[int, Dict[str, Any]]:
-    """Runs (or, for the seeds in `resume`, resumes) the offline runs {seed: run dir} as
-    one vmapped program; returns each seed's summary, as `train` would. `config`: one
-    config for all (each seed's sets `run.seed`), or {seed: its config}, which may
-    differ only in `run.seed` and `regime.dataset`. `tensorboard`: mirror the records to
+def train_seeds(config: Any, runs: Mapping[Hashable, str | Path], resume: Container[Hashable] = (),
+                progress: bool = True, tensorboard: Optional[bool] = None) -> Dict[Hashable, Dict[str, Any]]:
+    """Runs (or, for the runs in `resume`, resumes) the offline runs {run: run dir} as one
+    vmapped program; returns each run's summary, as `train` would. `config`: one config
+    for all, the runs keyed by seed (each one's config sets `run.seed` to its key), or
+    {run: its config}, which may differ only in `run.seed`, `regime.dataset` and
+    `agent.optimizer.lr` (`check_together`). `tensorboard`: mirror the records to
     TensorBoard as `train` does (None: where TensorFlow can be imported; without it the
     run directories lack only `tb/`)."""
     start_time = time.time()
     if tensorboard is None:
         tensorboard = _importable("tensorflow")
-    seeds = list(runs)
-    configs = dict(config) if isinstance(config, dict) else {seed: seed_config(config, seed) for seed in seeds}
-    if sorted(configs) != sorted(seeds):
-        raise ValueError(f"configs for seeds {sorted(configs)}, run directories for {sorted(seeds)}")
+    keys: List[Any] = list(runs)  # seeds where one config serves all
+    configs = dict(config) if isinstance(config, dict) else {seed: seed_config(config, seed) for seed in keys}
+    if set(configs) != set(keys):
+        raise ValueError(f"configs for runs {list(configs)}, run directories for {keys}")
     check_together(configs)
-    config = configs[seeds[0]]
+    config = configs[keys[0]]
     if config.probe.enabled and config.probe.mode == "process":
         print("eosrl train probes inline, between updates (probe.mode: process is for eosrl launch)",
               file=sys.stderr)
-    builders = [Builder(configs[seed]) for seed in seeds]
-    own = own_datasets([configs[seed] for seed in seeds])
+    builders = [Builder(configs[key]) for key in keys]
+    own = own_datasets([configs[key] for key in keys])
     check_fits(builders, own)
     loaded = [offline.load(b) for b in builders] if own else [offline.load(builders[0])] * len(builders)
     parts: List[_Run] = []
     try:
-        for seed, builder, data in zip(seeds, builders, loaded):
-            run_dir = RunDir(runs[seed]).create()
-            if seed not in resume:
+        for key, builder, data in zip(keys, builders, loaded):
+            run_dir = RunDir(runs[key]).create()
+            if key not in resume:
                 save_config(builder.config, run_dir.config)
-            parts.append(_Run(builder, run_dir, MetricsWriter(run_dir, tensorboard), _DeviceData(builder, data), seed in resume))
-        for part, seed in zip(parts, seeds):
-            part.start(seed in resume)
+            parts.append(_Run(builder, run_dir, MetricsWriter(run_dir, tensorboard), _DeviceData(builder, data),
+                              key in resume))
+        for part, key in zip(parts, keys):
+            part.start(key in resume)
         batch = SeedBatch([part.loop.learner for part in parts],
                           [data for data, _ in loaded] if own else loaded[0][0])
         statuses = ["failed"] * len(parts)  # what the final checkpoints say if an exception ends the runs
@@ -208,7 +228,7 @@ def train_seeds(config: Any, runs: Mapping[int, str | Path], resume: Container[i
                                            event="interrupted")
             finally:
                 statuses = [part.finish(status) for part, status in zip(parts, statuses)]
-        return {seed: part.conclude(status, start_time) for seed, part, status in zip(seeds, parts, statuses)}
+        return {key: part.conclude(status, start_time) for key, part, status in zip(keys, parts, statuses)}
     finally:
         for part in parts:
             part.metrics.close()

@@ -1,7 +1,9 @@
 """Seeds as one program (agents/seeds.py, launch/train_seeds.py): a vmapped seed's records,
 probes and final state equal its lone run's, bit for bit on the CPU, in a process that
 cannot import Reverb or TensorFlow; seeds resumed at different updates catch up; a
-study runs an offline cell's seeds as one child."""
+study runs an offline cell's seeds as one child. Step sizes too: runs at different lrs
+as one program equal their lone runs, and a study's grid over lr is one job."""
+import argparse
 import json
 import subprocess
 import sys
@@ -15,10 +17,10 @@ from eosrl.agents import offline
 from eosrl.launch.builder import Builder
 from eosrl.agents.dataset import DatasetWriter
 from eosrl.agents.seeds import SeedBatch
-from eosrl.launch.config import load_config
+from eosrl.launch.config import load_config, save_config
 from eosrl.launch.rundir import read_metrics
 from eosrl.launch.train import train
-from eosrl.launch.train_seeds import seed_config, train_seeds
+from eosrl.launch.train_seeds import check_together, runs_of_args, seed_config, train_seeds
 
 TIMING = ("updates_per_second", "seconds", "wall_seconds", "time", "env_steps_per_second")
 
@@ -181,3 +183,89 @@ def test_a_seed_that_diverges_stops_at_its_update_and_the_others_go_on(tmp_path)
                                                                                ("diverged", 7)]
     assert divergence(tmp_path / "v_seed-1") == divergence(tmp_path / "lone_seed-1") == [7]
     assert [r["step"] for r in read_metrics(tmp_path / "v_seed-0" / "metrics.jsonl", "train")] == [50, 100]
+
+
+def test_a_seed_batch_of_step_sizes_equals_its_learners_run_alone(tmp_path):
+    """SeedBatch over two step sizes and seeds, SGD with momentum: each lr goes to the
+    vmapped step as an argument and the optimiser is built from it there (agents/seeds.py);
+    each learner's state after 5 + 4 updates (the second 4 run by one member at a time, as
+    when the others have diverged), its momentum buffer included, is its lone learner's,
+    which closes over its lr as a constant, bit for bit. (So are Adam's, RMSProp's and SGD
+    with Nesterov and clipping, and the `lax.scan` path: checked by hand, max |Δ| 0.0.)"""
+    extra = ["run.total_updates=9", "agent.optimizer.name=sgd", "agent.optimizer.momentum=0.9"]
+    builders = [Builder(seed_config(_config(tmp_path, extra + [f"agent.optimizer.lr={lr}"]), seed))
+                for lr, seed in ((0.01, 0), (0.003, 1))]
+    data, _ = offline.load(builders[0])
+    lone, together = [b.make_learner() for b in builders], [b.make_learner() for b in builders]
+    for learner in lone:
+        learner.run(data, 5), learner.run(data, 4)
+    batch = SeedBatch(together, data)
+    batch.run(5)
+    batch.run(4, members=[1])  # the member's own lr, not the first's
+    batch.run(4, members=[0])
+    assert [learner.step for learner in together] == [9, 9]
+    for a, b in zip(lone, together):
+        for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_runs_of_two_step_sizes_as_one_program_equal_their_lone_runs(tmp_path):
+    """`eosrl train --seed-runs` (`runs_of_args`, keyed by run directory) of seed 0 at two
+    step sizes (once refused: one run.seed) as one program: every record of the second
+    (probes with their threshold at its own lr, evaluations) and its final state equal its
+    lone run's, bit for bit."""
+    extra = ["agent.optimizer.name=sgd", "agent.optimizer.momentum=0.9", "probe.enabled=true", "probe.every=20",
+             "probe.num_eigs=1", "probe.batch_size=32", "run.total_updates=40"]
+    configs = {f"lr-{lr}": _config(tmp_path, extra + [f"agent.optimizer.lr={lr}"]) for lr in (0.01, 0.003)}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        save_config(config, tmp_path / name / "config.yaml")
+    args = argparse.Namespace(seed_runs=[str(tmp_path / name) for name in configs], config=None, seeds=None,
+                              run_dir=None, overwrite=False)
+    loaded, runs, resume = runs_of_args(args, load_config, lambda path: None)
+    assert list(runs) == [tmp_path / name for name in configs] and not resume
+    summaries = train_seeds(loaded, runs, resume, progress=False)
+    assert [(s["status"], s["learner_updates"]) for s in summaries.values()] == [("completed", 40)] * 2
+    train(configs["lr-0.003"], tmp_path / "lone", progress=False)
+    _same(_run_records(tmp_path / "lr-0.003"), _run_records(tmp_path / "lone"))
+    thresholds = [[r["threshold"] for r in read_metrics(tmp_path / name / "metrics.jsonl", "probe")]
+                  for name in configs]
+    np.testing.assert_allclose(thresholds[0], [3.8 / 0.01] * 2, rtol=1e-6)  # (2 + 2β)/η at each run's own η
+    np.testing.assert_allclose(thresholds[1], [3.8 / 0.003] * 2, rtol=1e-6)
+
+
+def test_a_study_runs_a_grid_over_lr_as_one_program_but_not_under_a_step_size_rule(tmp_path):
+    """`--vmap-seeds` (`seed_cells`) takes an offline stage's grid over agent.optimizer.lr with
+    two seeds as one job; under a step-size rule, which sets each step from lr, one job per
+    lr (its seeds), and `check_together` and `SeedBatch` refuse different lrs, naming the field."""
+    import yaml
+    from eosrl.launch.study.runner import seed_cells
+    from eosrl.launch.study.spec import load_study, plan_study
+    _record(tmp_path / "data")
+    rule = {"agent.optimizer.name": "sgd", "agent.optimizer.step_size_rule": "corridor"}
+    study = {"name": "lrs", "base": str(CONFIGS / "dqn_cartpole.yaml"), "seeds": 2,
+             "set": {"regime.mode": "offline", "regime.dataset": str(tmp_path / "data"), "run.total_updates": 20},
+             "stages": [{"name": "plain", "grid": {"agent.optimizer.lr": [0.01, 0.003]}},
+                        {"name": "rule", "set": rule, "grid": {"agent.optimizer.lr": [0.01, 0.003]}}]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    specs = plan_study(load_study(tmp_path / "study.yaml"), tmp_path / "study.yaml", tmp_path / "out")
+
+    def jobs(stage):
+        return [[(s.config.agent.optimizer.lr, s.seed) for s in job] for job in
+                seed_cells([s for s in specs if s.stage == stage])]
+    assert jobs("plain") == [[(0.01, 0), (0.01, 1), (0.003, 0), (0.003, 1)]]
+    assert jobs("rule") == [[(0.01, 0), (0.01, 1)], [(0.003, 0), (0.003, 1)]]
+    ruled = {s.key: s.config for s in specs if s.stage == "rule" and s.seed == 0}
+    with pytest.raises(ValueError, match="agent.optimizer.lr differs .*step_size_rule corridor"):
+        check_together(ruled)
+    learners = [Builder(config).make_learner() for config in ruled.values()]
+    with pytest.raises(ValueError, match="agent.optimizer.lr: 0.01, 0.003 under agent.optimizer.step_size_rule"):
+        SeedBatch(learners, offline.load(Builder(next(iter(ruled.values()))))[0])
+    # The dry run shows each program's one command, not its runs' own.
+    from eosrl.launch.study.runner import run_study
+    lines: list = []
+    run_study(tmp_path / "study.yaml", out=tmp_path / "out", dry_run=True, echo=lines.append, vmap_seeds=True)
+    commands = [line for line in lines if line.lstrip().startswith("cmd")]
+    run_dirs = [[word for word in line.split("--seed-runs")[1].split() if not word.startswith("--")]
+                for line in commands]
+    assert [len(dirs) for dirs in run_dirs] == [4, 2, 2]  # the lr grid's 4 runs; each rule lr's 2 seeds

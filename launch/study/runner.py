@@ -31,13 +31,22 @@ def run_child(spec: RunSpec, resume: bool = False) -> Child:
     return Child(spec.key, spec.train_args(resume), spec.run_dir / "train.log", cwd=ROOT)
 
 
+def cell_child(specs: Sequence[RunSpec]) -> Child:
+    """A `seed_cells` job's unfinished runs as one supervisor child, `eosrl train
+    --seed-runs DIR ...` (each DIR's config.yaml written first), its output in the first
+    run's train.log."""
+    first = specs[0]
+    return Child(first.key, ["train", "--seed-runs", *(str(s.run_dir) for s in specs), "--no-progress"],
+                 first.run_dir / "train.log", cwd=ROOT)
+
+
 class Runner:
     """Runs specs as `eosrl train` subprocesses, K at once; stops them on request."""
 
     def __init__(self, parallel: int = 1, echo=print, vmap_seeds: bool = False):
         self.parallel = max(1, int(parallel))
         self.echo = echo
-        self.vmap_seeds = vmap_seeds  # an offline cell's seeds as one `eosrl train --seed-runs` (seed_cells)
+        self.vmap_seeds = vmap_seeds  # an offline cell's seeds (and lrs) as one `eosrl train --seed-runs` (seed_cells)
         self.results: Dict[str, RunResult] = {}
         self.stopping = threading.Event()
         self._children: Dict[str, Child] = {}  # spec key -> its run in flight
@@ -137,11 +146,11 @@ class Runner:
         return self.execute_cell(job) if isinstance(job, list) else [self.execute(job)]
 
     def execute_cell(self, specs: List[RunSpec]) -> List[RunResult]:
-        """The seeds of one offline grid cell as one child, `eosrl train --seed-runs DIR ...`
-        (one vmapped program, launch/train_seeds.py): finished seeds are skipped, blocked
-        ones not run, unfinished ones with a checkpoint of their config resume and the
-        others start over, as `execute` treats a lone run. Its log is the first seed's
-        train.log; the others' name it."""
+        """The offline runs of one `seed_cells` job (a grid cell's seeds, and step sizes) as
+        one child, `eosrl train --seed-runs DIR ...` (one vmapped program,
+        launch/train_seeds.py): finished runs are skipped, blocked ones not run, unfinished
+        ones with a checkpoint of their config resume and the others start over, as
+        `execute` treats a lone run. Its log is the first run's train.log; the others' name it."""
         results: List[RunResult] = []
         todo: List[RunSpec] = []
         for spec in specs:
@@ -165,15 +174,14 @@ class Runner:
                 assert spec.config is not None  # seed_cells takes only runs with one
                 save_config(spec.config, spec.run_dir / "config.yaml")
         first = todo[0]
-        child = Child(first.key, ["train", "--seed-runs", *(str(s.run_dir) for s in todo), "--no-progress"],
-                      first.run_dir / "train.log", cwd=ROOT)
+        child = cell_child(todo)
         for spec in todo:
             with open(spec.run_dir / "train.log", "a" if resumed[spec.key] else "w") as log:
                 if spec is not first:
                     log.write(f"--- eosrl study: runs with {', '.join(s.key for s in todo if s is not spec)} as one "
                               f"vmapped program; its output: {first.run_dir / 'train.log'}\n")
                 elif any(resumed.values()):
-                    log.write(f"\n--- eosrl study: seeds {', '.join(str(s.seed) for s in todo)} together; "
+                    log.write(f"\n--- eosrl study: {', '.join(s.key for s in todo)} together; "
                               f"resuming {', '.join(s.key for s in todo if resumed[s.key])}\n")
         returncode, seconds = self._supervise(
             first.key, child, f"  started {', '.join(s.key for s in todo)} as one program  (log: {child.log})")
@@ -184,20 +192,27 @@ class Runner:
 
 
 def seed_cells(specs: Sequence[RunSpec]) -> List[RunSpec | List[RunSpec]]:
-    """The stage's runs as jobs for `--vmap-seeds`: the seeds of each offline grid cell (runs
-    of one group whose configs differ only in run.seed and regime.dataset) as one list,
-    each other run alone; in the order of their first run."""
-    from eosrl.launch.train_seeds import check_together
-    cells: Dict[tuple, List[RunSpec]] = {}
+    """The stage's runs as jobs for `--vmap-seeds`: the offline runs whose configs differ
+    only in run.seed, regime.dataset and agent.optimizer.lr (a grid cell's seeds, and the
+    cells of a grid over lr; `train_seeds.shared_part`) as one list, each other run alone;
+    in the order of their first run."""
+    from eosrl.launch.train_seeds import check_together, shared_part
+    cells: List[List[RunSpec]] = []
+    shared: List[Any] = []  # each cell's shared_part (configs are not hashable)
     for spec in specs:
-        offline = spec.seed is not None and spec.config is not None and spec.config.regime.mode == "offline"
-        cells.setdefault((spec.stage, spec.group) if offline else (spec.key,), []).append(spec)
+        offline = spec.config is not None and spec.config.regime.mode == "offline"
+        part = shared_part(spec.config) if offline else None
+        if offline and part in shared:
+            cells[shared.index(part)].append(spec)
+        else:
+            cells.append([spec])
+            shared.append(part)
     jobs: List[RunSpec | List[RunSpec]] = []
-    for cell in cells.values():
+    for cell in cells:
         together = len(cell) > 1
         try:
             if together:
-                check_together({int(s.seed or 0): s.config for s in cell})
+                check_together({s.key: s.config for s in cell})
         except ValueError:
             together = False
         jobs += [cell] if together else cell
@@ -272,7 +287,7 @@ def run_study(study_path: str | Path, parallel: int = 1, out: Optional[str | Pat
     specs = select(all_specs, only)
     study_dir = study_dir.resolve()
     if dry_run:
-        print_plan(specs, echo)
+        print_plan(specs, echo, vmap_seeds)
         return {"study_dir": str(study_dir), "report": None, "rows": [], "counts": {}}
     study_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(study_path, study_dir / "study.yaml")  # what ran, next to its results
@@ -298,13 +313,33 @@ def run_study(study_path: str | Path, parallel: int = 1, out: Optional[str | Pat
             "interrupted": interrupted}
 
 
-def print_plan(specs: Sequence[RunSpec], echo=print) -> None:
-    for i, spec in enumerate(specs, start=1):
-        status = finished_status(spec.run_dir)
-        state = f"skip: already finished ({status})" if status in FINISHED else "to run"
-        echo(f"[{i}/{len(specs)}] {spec.key}  ({state})")
-        echo(f"    dir  {spec.run_dir}")
-        echo("    cmd  python " + " ".join(shlex.quote(c) for c in run_child(spec).command[1:]))
+def print_plan(specs: Sequence[RunSpec], echo=print, vmap_seeds: bool = False) -> None:
+    """Each run's status, directory and command; with `vmap_seeds`, the runs that would
+    share a program (`seed_cells`) are listed together under its one command."""
+    def command(child: Child) -> str:
+        return "python " + " ".join(shlex.quote(c) for c in child.command[1:])
+
+    i = 0
+    for stage in dict.fromkeys(s.stage for s in specs):
+        staged = [s for s in specs if s.stage == stage]
+        for job in (seed_cells(staged) if vmap_seeds else staged):
+            cell = job if isinstance(job, list) else [job]
+            todo = []
+            for spec in cell:
+                i += 1
+                status = finished_status(spec.run_dir)
+                state = f"skip: already finished ({status})" if status in FINISHED else "to run"
+                todo += [] if status in FINISHED else [spec]
+                echo(f"[{i}/{len(specs)}] {spec.key}  ({state})")
+                echo(f"    dir  {spec.run_dir}")
+                if not isinstance(job, list):
+                    echo(f"    cmd  {command(run_child(spec))}")
+            if isinstance(job, list) and len(todo) > 1:
+                echo(f"    one program for {', '.join(s.key for s in todo)} (the study writes each "
+                     f"run directory's config.yaml first):")
+                echo(f"    cmd  {command(cell_child(todo))}")
+            elif isinstance(job, list) and todo:
+                echo(f"    cmd  {command(run_child(todo[0]))}")
 
 
 def cmd_study(args) -> int:
@@ -335,8 +370,9 @@ def add_study_parser(sub) -> argparse.ArgumentParser:
                    help="run only the runs whose key STAGE/RUN matches this shell pattern "
                         "(repeatable), e.g. --only 'headline/*_seed-0': a long study in parts")
     p.add_argument("--vmap-seeds", action="store_true",
-                   help="run the seeds of each offline grid cell as one vmapped program (one `eosrl train "
-                        "--seed-runs` child, each seed's run directory as if it ran alone): docs/study.md")
+                   help="run the seeds of each offline grid cell, and the cells of a grid over "
+                        "agent.optimizer.lr, as one vmapped program (one `eosrl train --seed-runs` child, each "
+                        "run's directory as if it ran alone): docs/study.md")
     p.add_argument("--dry-run", action="store_true",
                    help="check every run's config and print the plan and commands; run nothing")
     p.set_defaults(func=cmd_study)
