@@ -660,7 +660,7 @@ def test_report_aggregates_the_raw_hessian_sharpness_of_adaptive_optimisers(tmp_
 
 
 # ----------------------------------------------------------------------------
-# End to end (about 3 minutes on 2 cores with --parallel 2). The step-size sweep's small
+# End to end (about 2 minutes on 2 cores with --parallel 2 and --vmap-seeds). The step-size sweep's small
 # variant replaced the regimes one here (eos_regimes_minatar_small.yaml is still planned
 # by test_shipped_studies_plan): it runs the same pipeline, and seeds and the across-seed
 # report besides, in the same time.
@@ -671,7 +671,11 @@ def test_report_aggregates_the_raw_hessian_sharpness_of_adaptive_optimisers(tmp_
 def test_small_lr_sweep_study_end_to_end(tmp_path):
     path = CONFIGS / "studies" / "eos_lr_sweep_minatar_small.yaml"
     out = tmp_path / "study"
-    result = st.run_study(path, parallel=2, out=out, echo=lambda line: None)
+    started: list = []
+    # --vmap-seeds: each agent's 2 step sizes × 2 seeds as one program (one start-up and
+    # compilation instead of four), each run's directory written as if it ran alone.
+    result = st.run_study(path, parallel=2, out=out, echo=started.append, vmap_seeds=True)
+    assert sum("as one program" in line for line in started) == 2, started
     rows = result["rows"]
     assert len(rows) == 10  # 2 recordings, DQN and C51 × 2 step sizes × 2 seeds offline
     bad = [(r["stage"], r["run"], r["status"]) for r in rows if r["status"] not in st.FINISHED]
