@@ -83,8 +83,8 @@ class SpectralNormConfig:
     scale_lr: bool = False
     """Step-size ablation of the paper: divide each selected layer's learning rate (its
     optimiser update) by max(1, σ); use with mode `log`, so the function is unchanged
-    and only the step size differs. Refused with mode `divide`, whose W/σ already divides
-    the layer's gradient, and so its step, by σ."""
+    and only the step size differs. Refused with modes `divide` and `clip`, whose W/σ and
+    W/max(1, σ) already divide the layer's gradient, and so its step, by σ > 1."""
 
 
 @dataclass
@@ -328,10 +328,11 @@ def validate_agent(a: AgentConfig, r: ReplayConfig, p: ProbeConfig) -> None:
     _positive("agent.epsilon_decay_steps", a.epsilon_decay_steps, allow_zero=True)
     sn = a.spectral_norm
     _positive("agent.spectral_norm.power_iterations", sn.power_iterations)
-    if sn.scale_lr and sn.mode == "divide":
-        raise ConfigError("agent.spectral_norm.scale_lr: divides each SN layer's step by max(1, σ), which "
-                          "agent.spectral_norm.mode divide already does (the layer uses W/σ, so its gradient "
-                          "carries 1/σ); set mode log (the paper's ablation) or scale_lr false")
+    if sn.scale_lr and sn.mode in ("divide", "clip"):
+        raise ConfigError(f"agent.spectral_norm.scale_lr: divides each SN layer's step by max(1, σ), which "
+                          f"agent.spectral_norm.mode {sn.mode} already does where σ > 1 (the layer uses "
+                          f"W/max(1, σ) or W/σ, so its gradient carries that factor); set mode log (the paper's "
+                          f"ablation) or scale_lr false")
     _positive("replay.capacity", r.capacity)
     _positive("replay.min_size", r.min_size)
     _positive("replay.batch_size", r.batch_size)

@@ -357,8 +357,9 @@ def test_scale_updates_function():
     np.testing.assert_allclose(out["c"]["w"], 1.0)  # not an SN layer
 
 
-def test_scale_lr_with_divide_mode_is_refused_with_one_line():
-    # divide's W/σ already divides the layer's gradient by σ: scale_lr would divide the step twice.
+def test_scale_lr_with_divide_or_clip_mode_is_refused_with_one_line():
+    # divide's W/σ (clip's W/max(1, σ)) already divides the layer's gradient by σ > 1: scale_lr
+    # would divide the step twice.
     from conftest import CONFIGS
     from eosrl.launch.config import load_config
     sets = ["agent.spectral_norm.layers=-2", "agent.spectral_norm.scale_lr=true"]
@@ -367,6 +368,8 @@ def test_scale_lr_with_divide_mode_is_refused_with_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="agent.spectral_norm.scale_lr"):  # divide is the default mode
         load_config(CONFIGS / "dqn_cartpole.yaml", sets)
+    with pytest.raises(ConfigError, match=r"agent\.spectral_norm\.scale_lr: .*mode clip"):
+        load_config(CONFIGS / "dqn_cartpole.yaml", [*sets, "agent.spectral_norm.mode=clip"])
     config = load_config(CONFIGS / "dqn_cartpole.yaml", [*sets, "agent.spectral_norm.mode=log"])
     assert config.agent.spectral_norm.scale_lr
 
