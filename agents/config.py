@@ -206,7 +206,8 @@ class ProbeConfig:
     loss_trace_window: int = 0
     """W: the TD loss of every update in windows of W updates, `loss_trace` records (0: off): around
     each target-network copy (W/2 updates before it, W/2 after) and after each probe whose λ₁ ≥ 0.9 of
-    the threshold (the next W; inline probes), where the edge of stability shows as a period-2 oscillating
+    the threshold (the next max(W, `probe.every`): until the next probe, so the trace is continuous while
+    the probes read λ₁ that near; inline probes), where the edge of stability shows as a period-2 oscillating
     loss that `train` means cannot show (launch/loss_traces.py). Works with `probe.enabled` false too
     (then only the target-copy windows). Costs a float per traced update."""
     gauss_newton_every: int = 0

@@ -85,7 +85,8 @@ class LearnerLoop:
         self.diverged_at: Optional[int] = None
         # (update, params after it) kept when a probe is due at the next update: its Δθ
         self._previous_params: Optional[Tuple[int, Any]] = None
-        self._traces = LossTraces(self.config.probe.loss_trace_window, self.config.agent.target_update_period)
+        self._traces = LossTraces(self.config.probe.loss_trace_window, self.config.agent.target_update_period,
+                                  self.config.probe.every)
         self.last_env_steps = 0  # of the last record or checkpoint, should the count become unreadable
         self._tick = (time.time(), self.learner.step)
 

@@ -10,7 +10,9 @@ of that update (at the parameters before it), as in `train` records. Windows:
   gets updates c − ⌊W/2⌋ + 1 … c + ⌈W/2⌉: the last ⌊W/2⌋ with the old target, then
   ⌈W/2⌉ with the new one;
 - `near_threshold`: a probe at update p whose λ₁ ≥ `NEAR_THRESHOLD`·threshold (inline
-  probes only: a prober process's records do not reach the learner) gets p + 1 … p + W.
+  probes only: a prober process's records do not reach the learner) gets p + 1 … p + N,
+  N = max(W, `probe.every`): the updates until the next probe reads λ₁ again, so the
+  trace is continuous for as long as the probes read λ₁ near the threshold.
 
 Each window is one `loss_trace` record when its last update is made (or at the end of
 the run, cut short), at `step` = its first update; windows may overlap, and then share
@@ -28,8 +30,9 @@ NEAR_THRESHOLD = 0.9  # λ₁/threshold from which a probe opens a `near_thresho
 class LossTraces:
     """The open windows of a run and the losses they have gathered."""
 
-    def __init__(self, window: int, target_period: int):
+    def __init__(self, window: int, target_period: int, near_length: int = 0):
         self.window, self.period = int(window), int(target_period)
+        self.near_length = max(self.window, int(near_length))  # N of the module docstring
         self._before = self.window // 2
         self._after = self.window - self._before
         self._near: List[Tuple[int, Dict[str, Any]]] = []  # (first update, extra fields) of near windows
@@ -51,8 +54,8 @@ class LossTraces:
         """(reason, first update, last update, extra fields) of every window holding `update`."""
         out = [("target_copy", c - self._before + 1, c + self._after, {"target_copy": c})
                for c in self._copies(update)]
-        out += [("near_threshold", first, first + self.window - 1, extra) for first, extra in self._near
-                if first <= update < first + self.window]
+        out += [("near_threshold", first, first + self.near_length - 1, extra) for first, extra in self._near
+                if first <= update < first + self.near_length]
         return out
 
     def wanted(self, first: int, last: int) -> bool:
@@ -60,7 +63,7 @@ class LossTraces:
         before a run of updates, to return their losses only then)."""
         if not self.enabled or last < first:
             return False
-        if any(start <= last and first < start + self.window for start, _ in self._near):
+        if any(start <= last and first < start + self.near_length for start, _ in self._near):
             return True
         # A copy c with first − after ≤ c < last + before (multiples of the period ≥ period).
         if not self.period:
@@ -79,12 +82,12 @@ class LossTraces:
         the records of the windows it completes."""
         done = []
         for reason, first, last, extra in self._windows(update):
-            record = self._open.setdefault((reason, first), {"step": update, "reason": reason, "window": self.window,
+            record = self._open.setdefault((reason, first), {"step": update, "reason": reason, "window": last - first + 1,
                                                              **extra, "losses": []})
             record["losses"].append(loss)
             if update == last:
                 done.append(self._close((reason, first)))
-        self._near = [(first, extra) for first, extra in self._near if update < first + self.window - 1]
+        self._near = [(first, extra) for first, extra in self._near if update < first + self.near_length - 1]
         return done
 
     def flush(self) -> List[Dict[str, Any]]:

@@ -39,6 +39,18 @@ def test_windows_around_target_copies_and_after_near_probes():
     odd = LossTraces(window=3, target_period=10)
     assert [odd.wanted(u, u) for u in (9, 10, 11, 12, 13)] == [False, True, True, True, False]
     assert not LossTraces(window=0, target_period=4).wanted(1, 100)
+    # Near windows last until the next probe (probe.every, here 5): while the probes read
+    # λ₁ near the threshold the trace is continuous.
+    near = LossTraces(window=2, target_period=1000, near_length=5)
+    records = []
+    for update in range(1, 18):
+        if update in (5, 10):
+            near.near_threshold(update, 0.92)
+            assert near.wanted(update + 1, update + 1)
+        records += near.add(update, float(update))
+    assert [(r["step"], r["window"], r["losses"]) for r in records] == [
+        (6, 5, [6.0, 7.0, 8.0, 9.0, 10.0]), (11, 5, [11.0, 12.0, 13.0, 14.0, 15.0])]
+    assert not near.wanted(18, 900)
 
 
 def test_loss_trace_window_is_validated():
