@@ -624,6 +624,22 @@ def test_across_seed_numbers_match_hand_computed_ones(tmp_path):
         assert f"](plots/{png})" in text and (tmp_path / "out" / "plots" / png).stat().st_size > 5_000
 
 
+def test_ratios_spanning_decades_get_a_linear_view_beside_the_log_axis(tmp_path):
+    """A long run's λ₁ climbs from 0.001 of the threshold: the log axis keeps its start in
+    view and compresses the approach; a second figure shows it on a linear axis. Ratios
+    within two decades of the threshold get the one (linear) figure."""
+    for name, ratios, linear in (("climb", [0.001, 0.1, 0.85, 0.9], True), ("near", [0.3, 0.9, 1.05], False)):
+        (tmp_path / name).mkdir()
+        path = write_study(tmp_path / name, {"name": name, "base": CARTPOLE,
+                                             "stages": [{"name": "s", "runs": [{"name": "r"}]}]})
+        specs = st.plan_study(st.load_study(path), path, tmp_path / name / "out")
+        write_metrics(specs[0].run_dir, [probe(100 * (i + 1), r) for i, r in enumerate(ratios)]
+                      + [finished(100 * len(ratios), "completed", 1.0)])
+        text = st.write_report(st.load_study(path), path, tmp_path / name / "out", specs, {}).read_text()
+        png = tmp_path / name / "out" / "plots" / "sharpness_over_threshold_linear.png"
+        assert ("](plots/sharpness_over_threshold_linear.png)" in text) == linear == png.exists()
+
+
 def test_report_without_batch_sharpness_has_no_batch_table(tmp_path):
     path = write_study(tmp_path, {"name": "seeds", "base": CARTPOLE, "seeds": [0, 1],
                                   "stages": [{"name": "s", "runs": [{"name": "r"}]}]})

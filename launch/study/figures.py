@@ -153,8 +153,17 @@ def _draw_group(ax, group: Group, field: str, color: str) -> Tuple[List[float], 
     return [v for points in series for _, v in points], diverged
 
 
-def plot_sharpness_across_seeds(groups: Sequence[Group], path: Path, field: str = "sharpness") -> Optional[Path]:
-    """λ₁/threshold (or another SHARPNESS_FIELDS field) against updates; None without probes."""
+def ratios_span_decades(groups: Sequence[Group], field: str = "sharpness") -> bool:
+    """Whether the groups' ratios and the threshold span two decades (the figure's axis is then logarithmic)."""
+    return _spans_decades([v for g in groups for r in g.runs for _, v in r.ratios.get(field) or []] + [1.0])
+
+
+def plot_sharpness_across_seeds(groups: Sequence[Group], path: Path, field: str = "sharpness",
+                                linear: bool = False) -> Optional[Path]:
+    """λ₁/threshold (or another SHARPNESS_FIELDS field) against updates; None without probes.
+    The axis is logarithmic where the ratios span two decades, unless `linear`: then it
+    runs from 0 to the highest ratio drawn (at least 1.25, at most 2), a view of how close
+    to the threshold the groups come."""
     colors = agent_colors(groups)
     groups = [g for g in groups if any(r.ratios.get(field) for r in g.runs)]
     if not groups:
@@ -190,10 +199,13 @@ def plot_sharpness_across_seeds(groups: Sequence[Group], path: Path, field: str 
         elif (cell[0] + 1, cell[1]) not in used:  # the lowest panel of its column
             axes[cell].set_xlabel("learner updates")
     # The threshold must stay in view: ratios far below it (a short run) get a log axis.
-    if _spans_decades(drawn + [1.0]):
+    if linear:
+        finite = [v for v in drawn if math.isfinite(v)]
+        axes[0][0].set_ylim(0.0, min(max(1.25, 1.05 * max(finite, default=0.0)), 2.0))
+    elif _spans_decades(drawn + [1.0]):
         axes[0][0].set_yscale("log")
     fig.supylabel(f"{name} / threshold")
-    fig.suptitle(f"{name} over the stability threshold, per group of seeds")
+    fig.suptitle(f"{name} over the stability threshold, per group of seeds{', linear axis' if linear else ''}")
     seeded = any(len([r for r in g.runs if r.ratios.get(field)]) > 1 for g in groups)
     handles: List[Artist] = [Line2D([], [], color=c, label=a, **BOLD) for a, c in colors.items()
                              if any(agent_of(g) == a for g in groups)]

@@ -169,7 +169,7 @@ def run_commands_section(specs: Sequence[RunSpec]) -> List[str]:
 def draw_figures(groups: Sequence[Group], plots: Path) -> List[Tuple[str, Optional[Path], str]]:
     """(title, PNG or None when there is nothing to draw, caption) of each figure."""
     # matplotlib only when a report is written, not whenever `eosrl` starts.
-    from eosrl.launch.study.figures import plot_returns_across_seeds, plot_sharpness_across_seeds
+    from eosrl.launch.study.figures import plot_returns_across_seeds, plot_sharpness_across_seeds, ratios_span_decades
     figures: List[Tuple[str, Optional[Path], str]] = []
     for field, name in SHARPNESS_FIELDS.items():
         path = plot_sharpness_across_seeds(groups, plots / f"{field}_over_threshold.png", field)
@@ -181,6 +181,13 @@ def draw_figures(groups: Sequence[Group], plots: Path) -> List[Tuple[str, Option
                         "probed at that update; band: min–max over seeds; dashed: the threshold (ratio 1); "
                         "grey: within ±10 % of it; ×: a seed diverged (level with its last finite probe). "
                         "The axis turns logarithmic when the ratios span two decades."))
+        if field == "sharpness" and path is not None and ratios_span_decades(groups, field):
+            figures.append((f"{_capital(name)} over the stability threshold, linear axis",
+                            plot_sharpness_across_seeds(groups, plots / f"{field}_over_threshold_linear.png", field,
+                                                        linear=True),
+                            "The same on a linear axis from 0 (to the highest ratio, at least 1.25, at most 2; "
+                            "higher ones leave the frame): how close to the threshold each group comes, which "
+                            "the logarithmic axis above compresses."))
     figures.append(("Final evaluation return across seeds",
                     plot_returns_across_seeds(groups, plots / "final_returns.png"),
                     "Per group the IQM over seeds of the final evaluation return (filled) with its 95 % "
