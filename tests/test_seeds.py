@@ -76,14 +76,25 @@ def test_a_seed_batch_equals_its_learners_run_alone(tmp_path):
     lone learner's, bit for bit (XLA:CPU gives the same floats batched; the MinAtar CNN
     was checked the same way by hand, max |Δ| 0.0 after 9 updates)."""
     builders = [Builder(seed_config(_config(tmp_path, ["run.total_updates=9"]), seed)) for seed in (0, 1)]
-    data, _ = offline.load(builders[0])
-    lone, together = [b.make_learner() for b in builders], [b.make_learner() for b in builders]
-    for learner in lone:
-        learner.run(data, 5), learner.run(data, 4)
+    data, lone, together = _alone_and_together(builders)
     batch = SeedBatch(together, data)
     batch.run(5)
     windows = batch.run(4, members=[0, 1])
     assert [w.count for w in windows] == [4, 4] and [learner.step for learner in together] == [9, 9]
+    _assert_same_states(lone, together)
+
+
+def _alone_and_together(builders):
+    """(the dataset on the device, the builders' learners after 5 + 4 updates each alone,
+    fresh learners of the same builders for a SeedBatch)."""
+    data, _ = offline.load(builders[0])
+    lone, together = [b.make_learner() for b in builders], [b.make_learner() for b in builders]
+    for learner in lone:
+        learner.run(data, 5), learner.run(data, 4)
+    return data, lone, together
+
+
+def _assert_same_states(lone, together):
     for a, b in zip(lone, together):
         for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -195,18 +206,13 @@ def test_a_seed_batch_of_step_sizes_equals_its_learners_run_alone(tmp_path):
     extra = ["run.total_updates=9", "agent.optimizer.name=sgd", "agent.optimizer.momentum=0.9"]
     builders = [Builder(seed_config(_config(tmp_path, extra + [f"agent.optimizer.lr={lr}"]), seed))
                 for lr, seed in ((0.01, 0), (0.003, 1))]
-    data, _ = offline.load(builders[0])
-    lone, together = [b.make_learner() for b in builders], [b.make_learner() for b in builders]
-    for learner in lone:
-        learner.run(data, 5), learner.run(data, 4)
+    data, lone, together = _alone_and_together(builders)
     batch = SeedBatch(together, data)
     batch.run(5)
     batch.run(4, members=[1])  # the member's own lr, not the first's
     batch.run(4, members=[0])
     assert [learner.step for learner in together] == [9, 9]
-    for a, b in zip(lone, together):
-        for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _assert_same_states(lone, together)
 
 
 def test_runs_of_two_step_sizes_as_one_program_equal_their_lone_runs(tmp_path):
