@@ -624,6 +624,19 @@ def test_across_seed_numbers_match_hand_computed_ones(tmp_path):
         assert f"](plots/{png})" in text and (tmp_path / "out" / "plots" / png).stat().st_size > 5_000
 
 
+def test_a_run_still_going_is_left_out_of_the_tables(tmp_path):
+    """A seed cut (or still running) has no `finished` event: its last probes are not its
+    end, so the λ₁ table counts only the finished seed."""
+    path = write_study(tmp_path, {"name": "seeds", "base": CARTPOLE, "seeds": [0, 1],
+                                  "stages": [{"name": "s", "runs": [{"name": "r"}]}]})
+    specs = st.plan_study(st.load_study(path), path, tmp_path / "out")
+    write_metrics(specs[0].run_dir, [probe(100, 0.5), probe(200, 0.8), finished(200, "completed", 1.0)])
+    write_metrics(specs[1].run_dir, [probe(100, 0.1)])  # cut after its first probe
+    text = st.write_report(st.load_study(path), path, tmp_path / "out", specs, {}).read_text()
+    row = table_rows(text, "λ₁ relative to the stability threshold")["r"]
+    assert row[3:6] == ["1/2", "2", "0.80 [0.80, 0.80]"]
+
+
 def test_ratios_spanning_decades_get_a_linear_view_beside_the_log_axis(tmp_path):
     """A long run's λ₁ climbs from 0.001 of the threshold: the log axis keeps its start in
     view and compresses the approach; a second figure shows it on a linear axis. Ratios

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from eosrl.launch.rundir import number
-from eosrl.launch.study.spec import SEED_AXIS, RunSpec, read_records
+from eosrl.launch.study.spec import FINISHED, SEED_AXIS, RunSpec, read_records
 from eosrl.launch.study.stats import (first_at_or_above, fraction_within, iqm, median_with_never,
                                       stratified_bootstrap_ci)
 
@@ -157,7 +157,7 @@ def ratio_summary(group: Group, field: str = "sharpness") -> Optional[Dict[str, 
     the probes from that one on; the peaks and fractions aggregated over seeds (IQM, CI), the
     first updates' median over seeds (never = later than any update). None when no run of
     the group has such probes."""
-    runs = [r for r in group.runs if r.ratios.get(field)]
+    runs = [r for r in group.runs if r.ratios.get(field) and r.status in FINISHED]
     if not runs:
         return None
     peaks, end, reached, near, first, held = [], [], [], [], [], []
@@ -190,7 +190,7 @@ def raw_summary(group: Group) -> Optional[Dict[str, Any]]:
     """Per run with `raw_sharpness` probes (an adaptive optimiser, whose `sharpness` is of the
     preconditioned Hessian): the peak and the mean of the last END_PROBES values of λ₁ of the
     Hessian itself, each aggregated over seeds (IQM, CI). None when no run has them."""
-    runs = [r for r in group.runs if r.raw]
+    runs = [r for r in group.runs if r.raw and r.status in FINISHED]
     if not runs:
         return None
     peaks = [max(v for _, v in r.raw) for r in runs]
@@ -201,7 +201,9 @@ def raw_summary(group: Group) -> Optional[Dict[str, Any]]:
 
 DEFINITIONS = [
     "Runs of a stage that differ only by seed (`seeds:`, or a `run.seed` grid axis) form a group; "
-    "*runs* is the number of its runs that have the quantity / the number of its runs.",
+    "*runs* is the number of its runs that have the quantity / the number of its runs. A run that has not "
+    "finished (`completed` or `diverged`: one interrupted, or still running) is left out of the tables, "
+    "whose *end* and fractions would otherwise describe a part of it; the figures draw it as far as it got.",
     f"**IQM [low, high]**: the interquartile mean over the group's seeds (Agarwal et al., 2021: the mean "
     "after cutting int(n/4) values from each end, so the plain mean for up to 3 seeds) with a "
     f"{CONFIDENCE * 100:g} % percentile interval over {REPS} stratified bootstrap resamples of the seeds "
